@@ -1,0 +1,131 @@
+"""The seed's error channels (§6): one exception class per channel, each carrying a stable code.
+
+Every failure the pipeline reports is one of these. Codes are part of the public contract (README lists
+them); never rename one. This module must not import anything else from the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class OllamaPipelineError(Exception):
+    """Base of every typed pipeline error: a channel, a stable code, a message and metadata."""
+
+    channel: ClassVar[str] = "internal"
+    default_code: ClassVar[str] = "internal.error"
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        http_status: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.http_status = http_status
+        self.details = dict(details or {})
+
+    def __str__(self) -> str:
+        return f"[{self.channel}/{self.code}] {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Metadata for logs and job rows (never payloads)."""
+        return {
+            "channel": self.channel,
+            "code": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+            "http_status": self.http_status,
+            **({"details": self.details} if self.details else {}),
+        }
+
+
+class NetworkError(OllamaPipelineError):
+    """Network or timeout failure talking to Ollama (connect refused, timeout, HTTP 5xx, 503 busy)."""
+
+    channel = "network"
+    default_code = "network.connect"
+    default_retryable = True
+
+
+class InvalidResponseFormatError(OllamaPipelineError):
+    """The model answered, but not with pure JSON (prose, code fence, reasoning text, truncation), or the
+    model itself is unusable (not found, request refused)."""
+
+    channel = "invalid_response_format"
+    default_code = "invalid_response_format.not_json"
+
+
+class ValidationError(OllamaPipelineError):
+    """Input or payload failed validation: a JSON answer that breaks the stage schema, a bad job payload,
+    a bad config value, a missing/corrupt/oversized media file."""
+
+    channel = "validation"
+    default_code = "validation.payload"
+
+
+class ConfigError(ValidationError):
+    """The configuration is missing a required key or holds a wrong value."""
+
+    default_code = "validation.config"
+
+
+class PersistenceError(OllamaPipelineError):
+    """The database refused a write or read (lock, constraint, connection)."""
+
+    channel = "persistence"
+    default_code = "persistence.db"
+
+
+class QueueLimitError(OllamaPipelineError):
+    """A queue limit refused an enqueue (rate per minute, or overflow of queued jobs)."""
+
+    channel = "queue_limit"
+    default_code = "queue_limit.overflow"
+
+
+ERROR_CLASSES: tuple[type[OllamaPipelineError], ...] = (
+    NetworkError,
+    InvalidResponseFormatError,
+    ValidationError,
+    PersistenceError,
+    QueueLimitError,
+)
+
+# code -> (channel, retryable, meaning). The README error table is generated from this.
+ERROR_CODES: dict[str, tuple[str, bool, str]] = {
+    "network.connect": ("network", True, "Ollama could not be reached (connection refused or reset)."),
+    "network.timeout": ("network", True, "No answer within ollama.timeout_ms."),
+    "network.server_error": ("network", True, "Ollama answered HTTP 5xx."),
+    "network.busy": ("network", True, "Ollama answered 503: too many pending requests."),
+    "network.stream_error": ("network", True, "Ollama reported an error in the middle of a stream."),
+    "invalid_response_format.not_json": ("invalid_response_format", False, "The answer is prose, not JSON."),
+    "invalid_response_format.code_fence": ("invalid_response_format", False, "The JSON is wrapped in a Markdown code fence."),
+    "invalid_response_format.reasoning": ("invalid_response_format", False, "Text (reasoning) stands before or after the JSON."),
+    "invalid_response_format.truncated": ("invalid_response_format", False, "The answer was cut off (done_reason length or unterminated JSON)."),
+    "invalid_response_format.empty": ("invalid_response_format", False, "The answer is empty."),
+    "invalid_response_format.model_not_found": ("invalid_response_format", False, "The configured model is not installed in Ollama (404)."),
+    "invalid_response_format.bad_request": ("invalid_response_format", False, "Ollama refused the request (HTTP 4xx)."),
+    "validation.schema": ("validation", False, "The JSON answer does not match the stage's output schema."),
+    "validation.payload": ("validation", False, "A job payload or API argument is invalid."),
+    "validation.job_type": ("validation", False, "Unknown job type."),
+    "validation.media_missing": ("validation", False, "No media row with that id."),
+    "validation.file_missing": ("validation", False, "The media file does not exist."),
+    "validation.path_outside_root": ("validation", False, "media.path points outside the configured media root."),
+    "validation.image_corrupt": ("validation", False, "The media file cannot be decoded as an image."),
+    "validation.image_too_large": ("validation", False, "The image cannot be made to fit ollama.max_image_bytes."),
+    "validation.config": ("validation", False, "A configuration key is missing or has a wrong value."),
+    "persistence.locked": ("persistence", True, "The database stayed locked after retries with backoff."),
+    "persistence.constraint": ("persistence", False, "A database constraint refused the write."),
+    "persistence.db": ("persistence", True, "Any other database error (connection lost, ...)."),
+    "queue_limit.rate": ("queue_limit", True, "More enqueues per minute than pipeline.queue.max_enqueues_per_minute."),
+    "queue_limit.overflow": ("queue_limit", True, "More queued jobs than pipeline.queue.max_queued."),
+    "queue_limit.overflow_job_type": ("queue_limit", True, "More queued jobs of one type than pipeline.queue.max_queued_per_type."),
+}

@@ -1,0 +1,145 @@
+"""Shared fixtures: real SQLite files and a real PostgreSQL database per test run, the Ollama emulator
+over loopback, and settings that point every piece of state (logs, media, database) at tmp_path."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from ollama_pipeline.config import Settings, settings_from_dict
+from ollama_pipeline.db.engine import init_db, make_engine
+from ollama_pipeline.db.models import Base
+
+PG_ADMIN_URL = os.environ.get("OLLAMA_PIPELINE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads a user's config, OLLAMA_HOST or API key."""
+    for name in list(os.environ):
+        if name.startswith("OLLAMA_PIPELINE") and name != "OLLAMA_PIPELINE_TEST_PG":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.delenv("OLLAMA_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database made for this test run and dropped at its end."""
+    name = f"ollama_pipeline_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        from ollama_pipeline.db import engine as engine_mod
+
+        for key in [k for k in engine_mod._engines if k == url]:
+            engine_mod._engines.pop(key).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _reset_pg(url: str) -> None:
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty library database: a SQLite file, then the PostgreSQL test database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'library.db'}"
+    url = request.getfixturevalue("pg_database")
+    _reset_pg(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'library.db'}"
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[Any]:
+    from ollama_pipeline.emulator import EmulatorConfig, EmulatorServer
+
+    server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, latency_ms=0, parallel=8))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def emulator(emulator_server: Any) -> Iterator[Any]:
+    """The loopback emulator with no faults and zeroed counters."""
+    emulator_server.set_faults([])
+    emulator_server.reset_stats()
+    yield emulator_server
+    emulator_server.set_faults([])
+
+
+def make_settings(*, db_url: str, media_root: Path, logs_dir: Path, base_url: str,
+                  **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "ollama": {
+            "base_url": base_url,
+            "model": {"default": "llava:7b"},
+            "timeout_ms": 5000,
+            "max_image_bytes": 1_000_000,
+            "vision_model": "llava:7b",
+            "text_model": "llama3.2:3b",
+            "retry": {"max_attempts": 2, "backoff_ms": 10},
+        },
+        "database": {"url": db_url, "lock_retries": 3},
+        "media_root": str(media_root),
+        "logs_dir": str(logs_dir),
+        "pipeline": {"concurrency": 4},
+    }
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return settings_from_dict(data)
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path, emulator: Any) -> Callable[..., Settings]:
+    """Settings for a database URL, with media and logs under tmp_path and Ollama = the emulator.
+    Keyword overrides use double underscores: pipeline__write_tags=False."""
+
+    def factory(db_url: str, **overrides: Any) -> Settings:
+        return make_settings(db_url=db_url, media_root=tmp_path / "media", logs_dir=tmp_path / "LOGS",
+                             base_url=emulator.base_url, **overrides)
+
+    return factory
+
+
+@pytest.fixture
+def engine_for() -> Iterator[Callable[[str], Engine]]:
+    """Engines made by a test, initialised and disposed afterwards."""
+    made: list[Engine] = []
+
+    def factory(url: str) -> Engine:
+        engine = make_engine(url)
+        init_db(engine)
+        made.append(engine)
+        return engine
+
+    yield factory
+    for engine in made:
+        engine.dispose()
