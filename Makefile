@@ -1,0 +1,44 @@
+# Common verbs. `make demo` and `make test` do all set-up on a fresh machine.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install browser demo test lint bench ui clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+# Debian's chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "WARNING: could not install chromium; browser tests will fail"; }
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/ollama-pipeline demo
+
+test: install browser $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check ollama_pipeline ollama_pipeline_tests
+
+bench: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/ollama-pipeline bench $(BENCH_ARGS)
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/ollama-pipeline ui
+
+clean:
+	rm -rf demo .dagster_home bench_results exports test-artifacts LOGS/*.jsonl
