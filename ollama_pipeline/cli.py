@@ -39,7 +39,8 @@ def _cmd_demo_library(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
     init_db(engine)
     report = build_demo_library(engine, settings.media_root, count=args.count, seed=args.seed)
-    print(f"demo library: {report}")
+    print(f"demo library: {report.created} created, {report.skipped} already there, "
+          f"{report.bytes_written / 1e6:.1f} MB written under {settings.media_root}")
     return 0
 
 

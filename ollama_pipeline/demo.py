@@ -66,7 +66,8 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
         init_db(engine)
         started = time.perf_counter()
         report = build_demo_library(engine, settings.media_root, count=count)
-        print(f"demo library: {report} in {time.perf_counter() - started:.1f} s")
+        print(f"demo library: {report.created} created, {report.skipped} already there "
+              f"({time.perf_counter() - started:.1f} s) under {settings.media_root}")
         summary = run_stages_through_dagster(settings, parse_stage_list(stages), media_ids=None,
                                              config_path=str(config_file.resolve()))
         print(summary.render())
