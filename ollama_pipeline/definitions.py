@@ -1,0 +1,19 @@
+"""The Dagster code location (`dagster dev -w workspace.yaml`, `dagster-webserver`, `tool.dagster`).
+
+Importing this module reads the stage registry only; the database and Ollama are touched when a run,
+sensor tick or check executes. Each run is one step (see defs.assets), so the in-process executor saves
+the extra step process the multiprocess executor would start for it.
+"""
+
+from dagster import Definitions, in_process_executor
+
+from ollama_pipeline.defs.assets import all_assets
+from ollama_pipeline.defs.resources import PipelineResource
+from ollama_pipeline.defs.sensors import new_media_sensor
+
+defs = Definitions(
+    assets=all_assets,
+    sensors=[new_media_sensor],
+    resources={"pipeline": PipelineResource()},
+    executor=in_process_executor,
+)

@@ -1,0 +1,178 @@
+"""Asset checks per stage, built from the stage registry: are the stored answers usable?
+
+- `<job_type>_schema_valid`: every stored value of the stage's `writes` keys, for items whose last run
+  of the stage succeeded, parses as JSON and is not empty.
+- `<job_type>_not_degenerate`: the model does not give the same answer for most different items (more
+  than half identical among at least five items fails), and no tag written is only digits.
+
+Each check reads the whole table with one query per stage (not per partition). The checks are declared as
+`AssetCheckSpec`s of the library asset and evaluated in its step: a separate `@asset_check` step would be
+skipped whenever the asset step yields only per-partition `AssetMaterialization` events, which is how
+every run here reports its items. They also run alone ("Execute checks" in the UI).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagster import AssetCheckKey, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
+from sqlalchemy import Engine, and_, func, select
+
+from ollama_pipeline.db.models import MediaMeta, OllamaStageResult
+from ollama_pipeline.stages.base import Stage
+
+DEGENERATE_SHARE = 0.5  # more than this share of identical answers fails ...
+DEGENERATE_MIN_ITEMS = 5  # ... once at least this many items were answered
+SAMPLE = 10  # offending items listed in the check metadata
+
+
+def schema_check_name(stage: Stage) -> str:
+    return f"{stage.job_type}_schema_valid"
+
+
+def degenerate_check_name(stage: Stage) -> str:
+    return f"{stage.job_type}_not_degenerate"
+
+
+def check_specs_for(stage: Stage) -> list[AssetCheckSpec]:
+    """The two checks of one stage asset."""
+    keys = ", ".join(f"`{k}`" for k in stage.writes)
+    return [
+        AssetCheckSpec(
+            name=schema_check_name(stage), asset=stage.job_type,
+            description=f"Every stored value of {keys} (items whose last {stage.job_type} run succeeded) "
+            "parses as JSON and is not empty."),
+        AssetCheckSpec(
+            name=degenerate_check_name(stage), asset=stage.job_type,
+            description=f"{stage.title}: no single answer for more than {DEGENERATE_SHARE:.0%} of the items "
+            f"(at least {DEGENERATE_MIN_ITEMS}), and no tag that is only digits."),
+    ]
+
+
+def check_keys_for(stage: Stage) -> dict[str, AssetCheckKey]:
+    """Check name -> key, for the checks of one stage."""
+    return {spec.name: spec.key for spec in check_specs_for(stage)}
+
+
+@dataclass
+class StoredAnswers:
+    """The stored values of one stage's keys for the items whose last run of the stage succeeded."""
+
+    ok_items: int
+    values: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)  # key -> (media_id, text)
+
+
+def load_answers(engine: Engine, stage: Stage) -> StoredAnswers:
+    """Two queries: the count of ok items, and their stored values of the stage's keys."""
+    ok = and_(OllamaStageResult.stage == stage.job_type, OllamaStageResult.status == "ok")
+    with engine.connect() as conn:
+        ok_items = conn.execute(select(func.count()).select_from(OllamaStageResult).where(ok)).scalar_one()
+        answers = StoredAnswers(ok_items=int(ok_items), values={key: [] for key in stage.writes})
+        if not stage.writes or not ok_items:
+            return answers
+        query = (select(MediaMeta.key, MediaMeta.media_id, MediaMeta.value)
+                 .join(OllamaStageResult, and_(OllamaStageResult.media_id == MediaMeta.media_id, ok))
+                 .where(MediaMeta.key.in_(stage.writes)).order_by(MediaMeta.media_id))
+        for key, media_id, value in conn.execute(query):
+            answers.values[key].append((int(media_id), value))
+    return answers
+
+
+def is_empty(value: Any) -> bool:
+    """null, a blank string, an empty list/object, or an object whose `text` is blank."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list | dict) and not value:
+        return True
+    return isinstance(value, dict) and set(value) == {"text"} and is_empty(value["text"])
+
+
+def _tag_names(value: Any) -> list[str]:
+    """Tag names inside a stored tags value: a list of names or of objects with a `name`, or an object
+    holding such a list."""
+    if isinstance(value, dict):
+        return [name for inner in value.values() if isinstance(inner, list) for name in _tag_names(inner)]
+    if not isinstance(value, list):
+        return []
+    names = []
+    for item in value:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            names.append(item["name"])
+    return names
+
+
+def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
+    """Pass when every stored value parses as JSON and is not empty."""
+    invalid: list[dict[str, Any]] = []
+    checked = 0
+    for key, rows in answers.values.items():
+        for media_id, text in rows:
+            checked += 1
+            problem = None
+            if text is None:
+                problem = "null"
+            else:
+                try:
+                    problem = "empty" if is_empty(json.loads(text)) else None
+                except ValueError:
+                    problem = "not JSON"
+            if problem:
+                invalid.append({"media_id": media_id, "key": key, "problem": problem})
+    missing = answers.ok_items * len(stage.writes) - checked
+    return AssetCheckResult(
+        check_name=schema_check_name(stage), asset_key=stage.job_type, passed=not invalid,
+        severity=AssetCheckSeverity.ERROR,
+        description=(f"{len(invalid)} of {checked} stored values are not usable JSON" if invalid
+                     else f"all {checked} stored values parse as JSON and are not empty"),
+        metadata={"ok_items": answers.ok_items, "checked_values": checked, "invalid_values": len(invalid),
+                  "missing_values": max(missing, 0), "invalid_sample": MetadataValue.json(invalid[:SAMPLE])})
+
+
+def degenerate_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
+    """Fail when one answer covers most items of a key, or a tag is only digits."""
+    problems: list[str] = []
+    shares: dict[str, float] = {}
+    digit_tags: Counter[str] = Counter()
+    for key, rows in answers.values.items():
+        texts = [text for _, text in rows if text is not None]
+        if len(texts) >= DEGENERATE_MIN_ITEMS:
+            top, count = Counter(texts).most_common(1)[0]
+            shares[key] = round(count / len(texts), 3)
+            if count / len(texts) > DEGENERATE_SHARE:
+                problems.append(f"{key}: {count} of {len(texts)} items share one answer ({top[:80]})")
+        if "tags" in key:
+            for text in texts:
+                try:
+                    names = _tag_names(json.loads(text))
+                except ValueError:
+                    continue
+                digit_tags.update(n for n in names if n.strip().isdigit())
+    if digit_tags:
+        problems.append(f"tags that are only digits: {', '.join(sorted(digit_tags)[:SAMPLE])}")
+    return AssetCheckResult(
+        check_name=degenerate_check_name(stage), asset_key=stage.job_type, passed=not problems,
+        severity=AssetCheckSeverity.WARN,
+        description="; ".join(problems) if problems else "answers differ between items",
+        metadata={"ok_items": answers.ok_items, "largest_identical_share": MetadataValue.json(shares),
+                  "digit_only_tags": MetadataValue.json(dict(digit_tags.most_common(SAMPLE)))})
+
+
+def evaluate_checks(engine: Engine, stage: Stage, selected: set[AssetCheckKey]) -> Iterator[AssetCheckResult]:
+    """The selected checks of one stage (one read of its stored answers for both)."""
+    keys = check_keys_for(stage)
+    wanted = [name for name, key in keys.items() if key in selected]
+    if not wanted:
+        return
+    answers = load_answers(engine, stage)
+    if schema_check_name(stage) in wanted:
+        yield schema_result(stage, answers)
+    if degenerate_check_name(stage) in wanted:
+        yield degenerate_result(stage, answers)
