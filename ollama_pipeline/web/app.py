@@ -9,6 +9,7 @@ headers) live in `web.security` and wrap the whole app.
 
 from __future__ import annotations
 
+import html
 import threading
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         if exc.status_code == 404:
             return state.render(request, "message.html", status_code=404, title="Not found", error=None,
                                 messages=[str(exc.detail) if exc.detail != "Not Found" else "No such page."])
-        return HTMLResponse(str(exc.detail), status_code=exc.status_code)
+        return HTMLResponse(html.escape(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
