@@ -204,8 +204,8 @@ class OllamaClient:
         """A completion about one image (or several, e.g. a duplicate pair) sent as base64."""
         images = [image_b64] if isinstance(image_b64, str) else list(image_b64)
         response, _ = self._generate(prompt, options, images, system)
-        return OllamaVisionResponse(**response.model_dump(), images=len(images),
-                                    image_bytes=sum(len(i) for i in images))
+        data = response.model_dump() | {"images": len(images), "image_bytes": sum(len(i) for i in images)}
+        return OllamaVisionResponse(**data)
 
     def health(self) -> OllamaHealthResponse:
         """Is Ollama reachable? Never raises; one attempt with a short timeout."""
