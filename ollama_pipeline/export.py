@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from ollama_pipeline.config import Settings
-from ollama_pipeline.db.engine import get_engine
+from ollama_pipeline.db.engine import get_engine, read_connection
 from ollama_pipeline.db.models import Media, MediaMeta, OllamaStageResult
 from ollama_pipeline.jsontext import canonical_json, loads_or_none
 
@@ -31,7 +31,7 @@ def _ts(value: Any) -> str | None:
 def export_records(engine: Engine, media_ids: list[int] | None = None, chunk: int = 1000) -> Iterator[dict[str, Any]]:
     """Export objects in media-id order, read in chunks so memory stays flat for large libraries."""
     last_id = 0
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         while True:
             q = select(Media.id, Media.path, Media.hash, Media.type, Media.width, Media.height,
                        Media.quality_status, Media.quality_score).where(Media.id > last_id).order_by(Media.id)

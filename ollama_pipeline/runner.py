@@ -160,7 +160,7 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                              job_id=job_id, run_id=run_id, ran_at=datetime.now(UTC))
         changes = pipeline.persist(media_id, result)
         outcome = ItemOutcome(media_id=media_id, stage=stage.job_type,
-                              status="written" if changes["changed_keys"] else "unchanged", model=model,
+                              status="written" if set(changes["changed_keys"]) - {"ollama.last_run_at"} else "unchanged", model=model,
                               fingerprint=fingerprint, metrics=metrics, changed_keys=changes["changed_keys"])
         pipeline.logs.job_event("stage_succeeded", job_id=job_id, run_id=run_id, media_id=media_id,
                                 job_type=stage.job_type, model=model, version=stage.version,

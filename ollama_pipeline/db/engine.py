@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -32,7 +32,9 @@ def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads opened with read_connection() take no write lock; everything else may write.
+        deferred = conn.get_execution_options().get("ollama_read_only", False)
+        conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
@@ -59,6 +61,11 @@ def init_db(engine: Engine) -> list[str]:
     existing = set(inspect(engine).get_table_names())
     Base.metadata.create_all(engine, checkfirst=True)
     return [t for t in Base.metadata.tables if t not in existing]
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection for reads only: on SQLite its transaction takes no write lock."""
+    return engine.connect().execution_options(ollama_read_only=True)
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
+from ollama_pipeline.db.engine import read_connection
 from ollama_pipeline.db.models import (
     AuditLog,
     Media,
@@ -122,7 +123,7 @@ def load_inputs_many(engine: Engine, media_ids: Iterable[int]) -> dict[int, Stag
     if not ids:
         return {}
     result: dict[int, StageInputs] = {}
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             media = load_media_rows(conn, chunk)
@@ -163,7 +164,7 @@ def load_inputs(engine: Engine, media_id: int) -> StageInputs:
 
 
 def tag_vocabulary(engine: Engine) -> list[str]:
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         return [r[0] for r in conn.execute(select(Tag.name).order_by(Tag.name))]
 
 
@@ -171,7 +172,7 @@ def stage_states(engine: Engine, stage: str, media_ids: Iterable[int]) -> dict[i
     """The ollama_stage_results row of each item for one stage."""
     ids = list(media_ids)
     out: dict[int, dict[str, Any]] = {}
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             q = select(OllamaStageResult).where(OllamaStageResult.stage == stage,
@@ -182,7 +183,7 @@ def stage_states(engine: Engine, stage: str, media_ids: Iterable[int]) -> dict[i
 
 
 def media_index(engine: Engine, media_ids: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         q = select(OllamaMediaIndex)
         if media_ids is not None:
             q = q.where(OllamaMediaIndex.media_id.in_(list(media_ids)))
