@@ -5,6 +5,10 @@
 - `<job_type>_not_degenerate`: the model does not give the same answer for most different items (more
   than half identical among at least five items fails), and no tag written is only digits.
 
+Some of the seed's keys hold categorical answers that may repeat (a quality verdict, a policy outcome, "no
+duplicates") or may be empty; they are listed below, and a stage can name its own in `Stage.extra`
+(`check_categorical_keys`, `check_may_be_empty_keys`).
+
 Each check reads the whole table with one query per stage (not per partition). The checks are declared as
 `AssetCheckSpec`s of the library asset and evaluated in its step: a separate `@asset_check` step would be
 skipped whenever the asset step yields only per-partition `AssetMaterialization` events, which is how
@@ -28,6 +32,17 @@ from ollama_pipeline.stages.base import Stage
 DEGENERATE_SHARE = 0.5  # more than this share of identical answers fails ...
 DEGENERATE_MIN_ITEMS = 5  # ... once at least this many items were answered
 SAMPLE = 10  # offending items listed in the check metadata
+# Seed keys (§2) whose answers may legitimately repeat across items / be an empty list or object.
+CATEGORICAL_KEYS = frozenset({"ollama.quality", "ollama.policy_flags", "ollama.duplicate_assist"})
+MAY_BE_EMPTY_KEYS = frozenset({"ollama.duplicate_assist", "ollama.policy_flags"})
+
+
+def categorical_keys(stage: Stage) -> frozenset[str]:
+    return frozenset(stage.extra.get("check_categorical_keys", CATEGORICAL_KEYS & set(stage.writes)))
+
+
+def may_be_empty_keys(stage: Stage) -> frozenset[str]:
+    return frozenset(stage.extra.get("check_may_be_empty_keys", MAY_BE_EMPTY_KEYS & set(stage.writes)))
 
 
 def schema_check_name(stage: Stage) -> str:
@@ -82,14 +97,14 @@ def load_answers(engine: Engine, stage: Stage) -> StoredAnswers:
     return answers
 
 
-def is_empty(value: Any) -> bool:
-    """null, a blank string, an empty list/object, or an object whose `text` is blank."""
+def is_empty(value: Any, *, containers: bool = True) -> bool:
+    """null, a blank string, an object whose `text` is blank, or (containers=True) an empty list/object."""
     if value is None:
         return True
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, list | dict) and not value:
-        return True
+        return containers
     return isinstance(value, dict) and set(value) == {"text"} and is_empty(value["text"])
 
 
@@ -113,6 +128,7 @@ def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
     """Pass when every stored value parses as JSON and is not empty."""
     invalid: list[dict[str, Any]] = []
     checked = 0
+    may_be_empty = may_be_empty_keys(stage)
     for key, rows in answers.values.items():
         for media_id, text in rows:
             checked += 1
@@ -121,7 +137,8 @@ def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
                 problem = "null"
             else:
                 try:
-                    problem = "empty" if is_empty(json.loads(text)) else None
+                    value = json.loads(text)
+                    problem = "empty" if is_empty(value, containers=key not in may_be_empty) else None
                 except ValueError:
                     problem = "not JSON"
             if problem:
@@ -130,7 +147,7 @@ def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
     return AssetCheckResult(
         check_name=schema_check_name(stage), asset_key=stage.job_type, passed=not invalid,
         severity=AssetCheckSeverity.ERROR,
-        description=(f"{len(invalid)} of {checked} stored values are not usable JSON" if invalid
+        description=(f"{len(invalid)} of {checked} stored values are not JSON or are empty" if invalid
                      else f"all {checked} stored values parse as JSON and are not empty"),
         metadata={"ok_items": answers.ok_items, "checked_values": checked, "invalid_values": len(invalid),
                   "missing_values": max(missing, 0), "invalid_sample": MetadataValue.json(invalid[:SAMPLE])})
@@ -141,9 +158,10 @@ def degenerate_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
     problems: list[str] = []
     shares: dict[str, float] = {}
     digit_tags: Counter[str] = Counter()
+    categorical = categorical_keys(stage)
     for key, rows in answers.values.items():
         texts = [text for _, text in rows if text is not None]
-        if len(texts) >= DEGENERATE_MIN_ITEMS:
+        if key not in categorical and len(texts) >= DEGENERATE_MIN_ITEMS:
             top, count = Counter(texts).most_common(1)[0]
             shares[key] = round(count / len(texts), 3)
             if count / len(texts) > DEGENERATE_SHARE:
@@ -162,6 +180,7 @@ def degenerate_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
         severity=AssetCheckSeverity.WARN,
         description="; ".join(problems) if problems else "answers differ between items",
         metadata={"ok_items": answers.ok_items, "largest_identical_share": MetadataValue.json(shares),
+                  "not_compared": MetadataValue.json(sorted(categorical)),
                   "digit_only_tags": MetadataValue.json(dict(digit_tags.most_common(SAMPLE)))})
 
 
