@@ -114,6 +114,7 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "invalid_response_format.model_not_found": ("invalid_response_format", False, "The configured model is not installed in Ollama (404)."),
     "invalid_response_format.bad_request": ("invalid_response_format", False, "Ollama refused the request (HTTP 4xx)."),
     "validation.schema": ("validation", False, "The JSON answer does not match the stage's output schema."),
+    "validation.stored_value": ("validation", False, "A stage built a media_meta value that breaks the key's stored schema (a pipeline bug; nothing is written)."),
     "validation.payload": ("validation", False, "A job payload or API argument is invalid."),
     "validation.job_type": ("validation", False, "Unknown job type."),
     "validation.media_missing": ("validation", False, "No media row with that id."),

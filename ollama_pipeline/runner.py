@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import pydantic
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
@@ -34,8 +35,10 @@ from ollama_pipeline.stages.base import (
     ModelRequest,
     Stage,
     StageInputs,
+    StageOutput,
     StageResult,
 )
+from ollama_pipeline.stages.stored import STORED_SCHEMAS
 from ollama_pipeline.stages.validation import parse_answer, repair_prompt
 
 _REPAIRABLE = {"invalid_response_format.not_json", "invalid_response_format.code_fence",
@@ -114,6 +117,21 @@ def _call_model(pipeline: Pipeline, stage: Stage, request: ModelRequest, images_
             prompt = repair_prompt(request.prompt, exc)
 
 
+def check_stored(stage: Stage, output: StageOutput) -> None:
+    """Every value a stage built matches its key's stored schema, before anything is written."""
+    for key, value in output.meta.items():
+        schema = STORED_SCHEMAS.get(key)
+        if key not in stage.writes or schema is None:
+            raise ValidationError(f"stage {stage.job_type} built key {key!r}, which it does not declare",
+                                  code="validation.stored_value")
+        try:
+            schema.model_validate(value)
+        except pydantic.ValidationError as exc:
+            fields = sorted({".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()})
+            raise ValidationError(f"stage {stage.job_type} built an invalid {key} value: fields {', '.join(fields[:8])}",
+                                  code="validation.stored_value") from None
+
+
 def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None = None,
              force: bool = False, model: str | None = None, job_id: int | None = None,
              run_id: str | None = None) -> ItemOutcome:
@@ -132,7 +150,9 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                     _, data = read_media_file(pipeline.settings.media_root, ref.path)
                     image_bytes[ref.media_id] = (hashlib.sha256(data).hexdigest(), data)
         options = pipeline.options_for(stage, model)
+        extra = {"extra": stage.fingerprint_extra(inputs)} if stage.fingerprint_extra else {}
         fingerprint = sha256_json({
+            **extra,
             "stage": stage.version, "model": model, "digest": pipeline.client.model_digest(model),
             "options": options.ollama_options(), "max_pixels": pipeline.settings.pipeline.max_pixels,
             "requests": [{"key": r.key, "prompt": hashlib.sha256(r.prompt.encode()).hexdigest(),
@@ -154,6 +174,7 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                 b64.append(prepared[ref.media_id])
             answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics)
         output = stage.combine(stage, inputs, answers)
+        check_stored(stage, output)
         metrics.wall_ms = (time.perf_counter() - started) * 1000.0
         result = StageResult(stage=stage.job_type, model=model, model_digest=pipeline.client.model_digest(model),
                              version=stage.version, fingerprint=fingerprint, output=output, metrics=metrics,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
@@ -163,9 +163,30 @@ def load_inputs(engine: Engine, media_id: int) -> StageInputs:
     return inputs[media_id]
 
 
-def tag_vocabulary(engine: Engine) -> list[str]:
+def tag_vocabulary(engine: Engine, *, exclude_source: str | None = None) -> list[str]:
+    """Tag names of the library; with exclude_source, only tags linked at least once by another source
+    (e.g. the tags people and imports use, not the ones only ollama wrote)."""
     with read_connection(engine) as conn:
-        return [r[0] for r in conn.execute(select(Tag.name).order_by(Tag.name))]
+        if exclude_source is None:
+            return [r[0] for r in conn.execute(select(Tag.name).order_by(Tag.name))]
+        q = (select(Tag.name).join(MediaTag, MediaTag.tag_id == Tag.id)
+             .where(or_(MediaTag.source.is_(None), MediaTag.source != exclude_source, MediaTag.locked.is_(True)))
+             .distinct().order_by(Tag.name))
+        return [r[0] for r in conn.execute(q)]
+
+
+def duplicate_universe(engine: Engine) -> list[dict[str, Any]]:
+    """Every media item with what cheap duplicate search needs: path, dHash, generation seed and prompt."""
+    with read_connection(engine) as conn:
+        first_prompt = (select(Prompt.media_id, func.min(Prompt.id).label("pid")).group_by(Prompt.media_id)
+                        .subquery())
+        q = (select(Media.id, Media.path, OllamaMediaIndex.dhash, Prompt.seed, Prompt.prompt)
+             .outerjoin(OllamaMediaIndex, OllamaMediaIndex.media_id == Media.id)
+             .outerjoin(first_prompt, first_prompt.c.media_id == Media.id)
+             .outerjoin(Prompt, Prompt.id == first_prompt.c.pid)
+             .order_by(Media.id))
+        return [{"media_id": r[0], "path": r[1], "dhash": r[2], "seed": r[3], "prompt": r[4]}
+                for r in conn.execute(q)]
 
 
 def stage_states(engine: Engine, stage: str, media_ids: Iterable[int]) -> dict[int, dict[str, Any]]:

@@ -113,7 +113,7 @@ def stage_spec(stage: Stage) -> AssetSpec:
     writes = ", ".join(f"`{key}`" for key in stage.writes)
     tables = f" Also writes: {', '.join(stage.writes_tables)}." if stage.writes_tables else ""
     return AssetSpec(
-        stage.job_type, deps=[MEDIA, *stage.upstream], group_name=stage.group,
+        stage.job_type, deps=[MEDIA, *stage.external_inputs, *stage.upstream], group_name=stage.group,
         code_version=stage.code_version, skippable=True, kinds={"ollama"},
         description=f"{stage.title}: {stage.description}\n\nWrites `media_meta`: {writes} (plus "
         f"`ollama.model`, `ollama.version`, `ollama.last_run_at`).{tables} Model: ollama.{stage.model_kind}_model.",
@@ -341,4 +341,14 @@ def build_library_asset(stages: list[Stage] | None = None) -> AssetsDefinition:
 
 ollama_library = build_library_asset()
 ollama_stage_assets: list[AssetSpec] = [spec for spec in ollama_library.specs if spec.key != AssetKey(MEDIA)]
-all_assets: list[AssetsDefinition] = [ollama_library]
+# Gallery tables that stages read but the pipeline does not produce: external assets, for lineage only.
+EXTERNAL_INPUTS: dict[str, str] = {
+    "scan_results": "The gallery's NSFW scanner results (`scan_results`: nsfw_score, flags), written by the "
+    "gallery application; read by the policy stage. Not materialized by this project.",
+}
+external_assets: list[AssetSpec] = [
+    AssetSpec(name, group_name="library", description=text, metadata={"table": name})
+    for name, text in EXTERNAL_INPUTS.items()
+    if any(name in stage.external_inputs for stage in ordered_stages())
+]
+all_assets: list[AssetsDefinition | AssetSpec] = [ollama_library, *external_assets]

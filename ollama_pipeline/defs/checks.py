@@ -23,11 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic
 from dagster import AssetCheckKey, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 from sqlalchemy import Engine, and_, func, select
 
 from ollama_pipeline.db.models import MediaMeta, OllamaStageResult
 from ollama_pipeline.stages.base import Stage
+from ollama_pipeline.stages.stored import STORED_SCHEMAS
 
 DEGENERATE_SHARE = 0.5  # more than this share of identical answers fails ...
 DEGENERATE_MIN_ITEMS = 5  # ... once at least this many items were answered
@@ -60,7 +62,8 @@ def check_specs_for(stage: Stage) -> list[AssetCheckSpec]:
         AssetCheckSpec(
             name=schema_check_name(stage), asset=stage.job_type,
             description=f"Every stored value of {keys} (items whose last {stage.job_type} run succeeded) "
-            "parses as JSON and is not empty."),
+            "parses as JSON, is not empty and validates against the key's stored schema "
+            "(`ollama_pipeline.stages.stored`)."),
         AssetCheckSpec(
             name=degenerate_check_name(stage), asset=stage.job_type,
             description=f"{stage.title}: no single answer for more than {DEGENERATE_SHARE:.0%} of the items "
@@ -125,7 +128,7 @@ def _tag_names(value: Any) -> list[str]:
 
 
 def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
-    """Pass when every stored value parses as JSON and is not empty."""
+    """Pass when every stored value parses as JSON, is not empty and validates against its stored schema."""
     invalid: list[dict[str, Any]] = []
     checked = 0
     may_be_empty = may_be_empty_keys(stage)
@@ -139,6 +142,10 @@ def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
                 try:
                     value = json.loads(text)
                     problem = "empty" if is_empty(value, containers=key not in may_be_empty) else None
+                    if problem is None and key in STORED_SCHEMAS:
+                        STORED_SCHEMAS[key].model_validate(value)
+                except pydantic.ValidationError as exc:
+                    problem = "schema: " + ", ".join(sorted({".".join(map(str, e["loc"])) for e in exc.errors()})[:5])
                 except ValueError:
                     problem = "not JSON"
             if problem:
@@ -147,8 +154,8 @@ def schema_result(stage: Stage, answers: StoredAnswers) -> AssetCheckResult:
     return AssetCheckResult(
         check_name=schema_check_name(stage), asset_key=stage.job_type, passed=not invalid,
         severity=AssetCheckSeverity.ERROR,
-        description=(f"{len(invalid)} of {checked} stored values are not JSON or are empty" if invalid
-                     else f"all {checked} stored values parse as JSON and are not empty"),
+        description=(f"{len(invalid)} of {checked} stored values are not JSON, empty or break their schema" if invalid
+                     else f"all {checked} stored values parse as JSON, are not empty and match their schemas"),
         metadata={"ok_items": answers.ok_items, "checked_values": checked, "invalid_values": len(invalid),
                   "missing_values": max(missing, 0), "invalid_sample": MetadataValue.json(invalid[:SAMPLE])})
 

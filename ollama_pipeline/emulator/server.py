@@ -356,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         seed_material = json.dumps([model, text, [hashlib.sha256(i.encode()).hexdigest() for i in images], fmt,
                                     options.get("seed")], sort_keys=True)
-        content = answer_for(seed_material, fmt)
+        content = answer_for(seed_material, fmt, text)
         done_reason = "stop"
         kind = fault.kind if fault else None
         if kind == "prose":

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from ollama_pipeline.stages.base import Stage
 from ollama_pipeline.stages.caption import CAPTION, TITLE
+from ollama_pipeline.stages.duplicates import DUPLICATES
+from ollama_pipeline.stages.policy import POLICY
+from ollama_pipeline.stages.prompt_recon import PROMPT_RECON
+from ollama_pipeline.stages.quality import QUALITY, SCORES
+from ollama_pipeline.stages.tags import TAGS
 
-STAGES: dict[str, Stage] = {s.job_type: s for s in (CAPTION, TITLE)}
+STAGES: dict[str, Stage] = {s.job_type: s for s in (CAPTION, TITLE, TAGS, QUALITY, DUPLICATES, PROMPT_RECON,
+                                                    SCORES, POLICY)}
 
 # Keys every stage writes besides its own (§2): merged maps keyed by job type.
 COMMON_KEYS = ("ollama.model", "ollama.version", "ollama.last_run_at")

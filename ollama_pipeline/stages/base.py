@@ -72,8 +72,8 @@ class ScanRow(BaseModel):
 class DuplicateCandidate(BaseModel):
     media_id: int
     path: str
-    reason: str  # dhash distance / same seed / same prompt
-    distance: int | None = None
+    found_by: list[str]  # "dhash" (perceptual hash within the threshold), "seed_prompt" (same seed and prompt)
+    distance: int | None = None  # dHash Hamming distance, when both files have one
 
 
 class StageInputs(BaseModel):
@@ -84,8 +84,10 @@ class StageInputs(BaseModel):
     tags: list[TagRow] = Field(default_factory=list)
     scans: list[ScanRow] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
+    # Filled by a stage's `enrich` step (batch lookups that are not a property of the item itself):
     vocabulary: list[str] = Field(default_factory=list)
     duplicate_candidates: list[DuplicateCandidate] = Field(default_factory=list)
+    max_tags: int = 20
 
 
 # ---- outputs (§2) ----------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ class ModelRequest:
 
 _INJECTION = re.compile(
     r"(?i)\b(ignore|disregard|forget|override)\b[^.;\n]{0,40}\b(previous|prior|above|earlier|all|system)\b"
-    r"[^.;\n]{0,40}\b(instructions?|prompts?|rules?|directions?)\b[^.;\n]*"
+    r"[^.;\n]{0,40}\b(instructions?|prompts?|rules?|directions?)\b[^.;,\n]*"
 )
 
 
@@ -212,6 +214,11 @@ class Stage:
     group: str = "ollama"
     # Batch enrichment of inputs before planning (e.g. tag vocabulary, duplicate candidates).
     enrich: Callable[[Any, dict[int, StageInputs]], None] | None = None
+    # Settings that change the stored value without changing the request (e.g. max_tags) go into the
+    # fingerprint through this, so changing them re-runs the stage.
+    fingerprint_extra: Callable[[StageInputs], Any] | None = None
+    # Gallery tables read that are not produced by a stage (shown as external assets upstream in Dagster).
+    external_inputs: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
