@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: <logs_dir>/../exports/ollama_export.jsonl)")
     p.set_defaults(handler=_cmd_export)
 
-    for module in ("ollama_pipeline.cli_jobs", "ollama_pipeline.web.cli", "ollama_pipeline.bench"):
+    for module in ("ollama_pipeline.cli_jobs", "ollama_pipeline.web.cli", "ollama_pipeline.bench",
+                   "ollama_pipeline.docs"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ModuleNotFoundError as exc:

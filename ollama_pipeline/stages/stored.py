@@ -2,7 +2,7 @@
 
 A stage's combine step builds its values, the runner validates them against these models before anything
 is written, the `<stage>_schema_valid` asset checks validate what is stored, and the export feed documents
-them (`ollama-pipeline export --schema` prints the JSON Schema of every key).
+them (`ollama-pipeline docs` renders their JSON Schemas).
 """
 
 from __future__ import annotations
