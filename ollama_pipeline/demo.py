@@ -3,13 +3,17 @@ materialized through Dagster, the export feed, and a summary of where the result
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
+import pydantic
 import yaml
+from sqlalchemy import Engine, select
 
 from ollama_pipeline.config import CONFIG_ENV, DEFAULT_CONFIG_FILE, load_settings
+from ollama_pipeline.db.models import Media, MediaMeta
 
 DEMO_DIR = Path("demo")
 BASE_URL_ENV = "OLLAMA_PIPELINE__OLLAMA__BASE_URL"
@@ -28,6 +32,32 @@ def _demo_config(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Written by `ollama-pipeline demo`: the demo library's configuration.\n"
                     + yaml.safe_dump(data, sort_keys=False))
+
+
+def verify_outputs(engine: Engine, stages: list[str]) -> tuple[int, int, list[str]]:
+    """How many media items hold every key the given stages write (plus provenance), all valid."""
+    from ollama_pipeline.stages import COMMON_KEYS, STAGES
+    from ollama_pipeline.stages.stored import STORED_SCHEMAS
+
+    keys = [k for job_type in stages for k in STAGES[job_type].writes] + list(COMMON_KEYS)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(select(Media.id))]
+        rows = conn.execute(select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value)
+                            .where(MediaMeta.key.in_(keys))).all()
+    values = {(m, k): v for m, k, v in rows}
+    problems: list[str] = []
+    valid = 0
+    for media_id in ids:
+        ok = True
+        for key in keys:
+            text = values.get((media_id, key))
+            try:
+                STORED_SCHEMAS[key].model_validate(json.loads(text or "null"))
+            except (ValueError, pydantic.ValidationError):
+                ok = False
+                problems.append(f"media {media_id}: {key} {'missing' if text is None else 'invalid'}")
+        valid += ok
+    return valid, len(ids), problems
 
 
 def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = None, stages: str = "all") -> int:
@@ -71,6 +101,12 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
         summary = run_stages_through_dagster(settings, parse_stage_list(stages), media_ids=None,
                                              config_path=str(config_file.resolve()))
         print(summary.render())
+        from ollama_pipeline.defs.launch import resolve_asset_names
+
+        valid, total, problems = verify_outputs(engine, resolve_asset_names(parse_stage_list(stages),
+                                                                            include_media=False))
+        print(f"outputs: {valid}/{total} items hold every ollama.* key of the stages run, each valid against "
+              f"its stored schema" + (f"; problems: {problems[:5]}" if problems else ""))
         export_path, exported = write_export(settings)
         print("\nresults:")
         print(f"  database      {settings.database.url}  (table media_meta, keys ollama.*)")
@@ -80,7 +116,7 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
         if server is not None:
             stats = server.stats()
             print(f"  emulator      {stats.get('model_calls')} model calls served")
-        return 0 if summary.ok else 1
+        return 0 if summary.ok and valid == total else 1
     finally:
         if server is not None:
             server.stop()
