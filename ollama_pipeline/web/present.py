@@ -83,9 +83,9 @@ def _quality(value: Any) -> dict[str, Any] | None:
     issues = []
     for issue in value.get("issues") or []:
         if isinstance(issue, dict):
-            issues.append({"name": str(issue.get("name", issue.get("issue", "?"))),
+            issues.append({"name": str(issue.get("kind", issue.get("name", issue.get("issue", "?")))),
                            "severity": issue.get("severity"),
-                           "extra": {k: v for k, v in issue.items() if k not in ("name", "issue", "severity")}})
+                           "extra": {k: v for k, v in issue.items() if k not in ("kind", "name", "issue", "severity")}})
         else:
             issues.append({"name": str(issue), "severity": None, "extra": {}})
     rest = {k: v for k, v in value.items() if k not in ("score", "verdict", "issues", "status")}
@@ -154,8 +154,11 @@ def _prompt(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("prompt", ""), str):
         return None
     rest = {k: v for k, v in value.items() if k not in ("prompt", "negative_prompt", "style", "similarity")}
+    similarity = value.get("similarity")
+    if isinstance(similarity, dict):  # {"prompt": x, "negative_prompt": y, "method": ...}
+        similarity = similarity.get("prompt")
     return {"prompt": value.get("prompt"), "negative_prompt": value.get("negative_prompt"),
-            "style": value.get("style"), "similarity": _num(value.get("similarity")), "rest": rest}
+            "style": value.get("style"), "similarity": _num(similarity), "rest": rest}
 
 
 def _stage_map(value: Any) -> dict[str, Any] | None:
