@@ -14,6 +14,7 @@ so the pipeline's own writes never change what the next run maps onto: re-runs c
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -146,10 +147,17 @@ def normalize_tags(raw: list[tuple[str, float]], vocabulary: set[str], max_tags:
     return ordered
 
 
+VOCABULARY_TTL_S = 30.0  # how long one process reuses the vocabulary between chunks of a run
+
+
 def enrich_tags(pipeline: Any, inputs: dict[int, StageInputs]) -> None:
     from ollama_pipeline.db import repository
 
-    vocabulary = repository.tag_vocabulary(pipeline.engine, exclude_source="ollama")
+    cached = pipeline._cache.get("tag_vocabulary")
+    if cached is None or time.monotonic() - cached[0] > VOCABULARY_TTL_S:
+        cached = (time.monotonic(), repository.tag_vocabulary(pipeline.engine, exclude_source="ollama"))
+        pipeline._cache["tag_vocabulary"] = cached
+    vocabulary = cached[1]
     for item in inputs.values():
         item.vocabulary = vocabulary
         item.max_tags = pipeline.settings.pipeline.max_tags
