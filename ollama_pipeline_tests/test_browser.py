@@ -247,7 +247,7 @@ def _skip_community_dialog(page: Page) -> None:
 def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, dagster_url: str,
                                                              library: WebLibrary) -> None:
     """The global lineage graph shows `media` and every stage asset with edges; a stage lists the media items."""
-    context = browser.new_context(viewport={"width": 1800, "height": 1000})
+    context = browser.new_context(viewport={"width": 1900, "height": 2000})
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.goto(dagster_url + "/asset-groups")
@@ -256,12 +256,32 @@ def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, d
     graph = page.locator("svg[class*=AssetGraphExplorer_svgContainer]")
     expect(graph).to_be_visible()
     expect(graph.locator("[aria-label=unfold_more]").first).to_be_visible()
-    while graph.locator("[aria-label=unfold_more]").count():  # expand every collapsed asset group
-        graph.locator("[aria-label=unfold_more]").first.click()
-        page.wait_for_timeout(200)
-    page.reload()  # lay the expanded graph out again, fitted to the screen
-    for name in ["media", *STAGES]:
-        expect(graph.get_by_text(name, exact=True)).to_be_visible()
+    for _ in range(3):  # expand every collapsed asset group (the layout moves after each click)
+        while graph.locator("[aria-label=unfold_more]").count():
+            graph.locator("[aria-label=unfold_more]").first.click()
+            page.wait_for_timeout(500)
+        page.reload()  # lay the expanded graph out again, fitted to the screen
+        expect(graph).to_be_visible()
+        page.wait_for_timeout(1000)
+        if not graph.locator("[aria-label=unfold_more]").count():
+            break
+    zoom_out = page.locator("[aria-label=zoom_out]")
+    for _ in range(12):  # ten assets in four groups: zoom out until the whole graph is drawn
+        if all(graph.get_by_text(name, exact=True).count() for name in ["media", *STAGES]):
+            break
+        if zoom_out.count():
+            zoom_out.first.click()
+        else:
+            page.mouse.move(1300, 600)
+            page.mouse.wheel(0, 600)
+        page.wait_for_timeout(700)
+    try:
+        for name in ["media", *STAGES]:
+            expect(graph.get_by_text(name, exact=True)).to_be_visible()
+    except AssertionError:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dagster_asset_graph_failure.png"))
+        raise
     assert graph.locator("path").count() >= len(STAGES)  # lineage edges: every stage hangs off media
     page.wait_for_timeout(500)
     save_screenshot(page, "dagster_asset_graph.png")

@@ -79,7 +79,7 @@ CAPTION = Stage(
     writes=("ollama.caption", "ollama.description"),
     plan=plan_caption,
     combine=combine_caption,
-    group="ollama_text",
+    group="ollama_describe",
 )
 
 TITLE = Stage(
@@ -95,5 +95,5 @@ TITLE = Stage(
     plan=plan_title,
     combine=combine_title,
     upstream=("ollama_caption",),
-    group="ollama_text",
+    group="ollama_describe",
 )

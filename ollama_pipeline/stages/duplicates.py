@@ -157,5 +157,5 @@ DUPLICATES = Stage(
     plan=plan_duplicates,
     combine=combine_duplicates,
     enrich=enrich_duplicates,
-    group="ollama_judgement",
+    group="ollama_judge",
 )

@@ -119,7 +119,7 @@ POLICY = Stage(
     plan=plan_policy,
     combine=combine_policy,
     external_inputs=("scan_results",),
-    group="ollama_judgement",
+    group="ollama_judge",
     extra={"check_categorical_keys": frozenset({"ollama.policy_flags"}),
            "check_may_be_empty_keys": frozenset({"ollama.policy_flags"})},
 )

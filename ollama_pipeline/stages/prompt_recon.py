@@ -82,5 +82,5 @@ PROMPT_RECON = Stage(
     writes=("ollama.prompt_reconstruction",),
     plan=plan_recon,
     combine=combine_recon,
-    group="ollama_text",
+    group="ollama_describe",
 )

@@ -114,7 +114,7 @@ QUALITY = Stage(
     writes_tables=("media.quality_status", "media.quality_score", "media_lifecycle_events", "audit_log"),
     plan=plan_quality,
     combine=combine_quality,
-    group="ollama_judgement",
+    group="ollama_judge",
     extra={"check_categorical_keys": frozenset({"ollama.quality"}), "check_may_be_empty_keys": frozenset()},
 )
 
@@ -131,6 +131,6 @@ SCORES = Stage(
     writes=("ollama.scores",),
     plan=plan_scores,
     combine=combine_scores,
-    group="ollama_judgement",
+    group="ollama_judge",
     extra={"check_categorical_keys": frozenset({"ollama.scores"}), "check_may_be_empty_keys": frozenset()},
 )

@@ -204,5 +204,5 @@ TAGS = Stage(
     combine=combine_tags,
     enrich=enrich_tags,
     fingerprint_extra=lambda inputs: {"max_tags": inputs.max_tags},
-    group="ollama_tags",
+    group="ollama_describe",
 )
