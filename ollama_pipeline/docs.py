@@ -90,9 +90,10 @@ BLOCKS: dict[str, Callable[[], str]] = {"stages": stages_table, "errors": errors
 def render_into(text: str) -> str:
     """README text with every generated block replaced by its current content."""
     for name, make in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(\n<!-- /generated:{name} -->)", re.S)
+        # The body is optional so that an empty block (start marker right above the end marker) is filled too.
+        pattern = re.compile(rf"(<!-- generated:{name} -->\n)(?:.*?\n)?(<!-- /generated:{name} -->)", re.S)
         body = make()
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 

@@ -129,4 +129,9 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "queue_limit.rate": ("queue_limit", True, "More enqueues per minute than pipeline.queue.max_enqueues_per_minute."),
     "queue_limit.overflow": ("queue_limit", True, "More queued jobs than pipeline.queue.max_queued."),
     "queue_limit.overflow_job_type": ("queue_limit", True, "More queued jobs of one type than pipeline.queue.max_queued_per_type."),
+    "internal.error": ("internal", False, "An unexpected error (a bug) failed this item only; its type is in the message and the errors log."),
+    "internal.lease_expired": ("internal", True, "A job's lease ran out (worker stopped or killed, or its Dagster run never started): requeued while attempts remain, then failed with this code."),
+    "internal.run_failed": ("internal", True, "The Dagster run of a job ended without an outcome for its item (crashed or stopped before reaching it): requeued while attempts remain."),
+    "internal.run_canceled": ("internal", False, "The Dagster run of a job was canceled before it reached the item."),
+    "upstream_failed.<asset>": ("blocked", False, "In a Dagster run, the item's media or upstream stage (named in the code) failed, so this stage did not call the model for it."),
 }

@@ -16,6 +16,9 @@ Invariants live in the database, not in Python (procrastinate style):
   renews the lease while the job runs. A lease that ran out means the worker died: the next claim puts the
   job back to `queued` (or `failed` when it has used all attempts). Every finishing write is fenced on
   (id, status='running', attempts), so a worker that lost its lease cannot overwrite the new owner's state.
+* **Dagster runs** claim through `claim_jobs` too, then `assign_claims` hands each run's jobs to a worker
+  name of their own; the Dagster layer renews those leases (`renew_claims`) while the run is queued or
+  running and records each outcome with `finish_claimed`, fenced and logged like a worker's.
 * **Backoff**: a `queued` job has no lease, so `lease_until` on a queued job means "not before": a retried
   job is claimable again only after its backoff (ollama.retry.backoff_ms doubled per attempt, at most 60 s).
 
@@ -443,6 +446,65 @@ def _claim_one(pipeline: Pipeline, job_id: int, worker: str) -> tuple[Job | None
     return claimed, current
 
 
+def assign_claims(pipeline: Pipeline, worker: str, assignments: dict[str, list[int]], *, lease_seconds: float,
+                  release: Iterable[int] = ()) -> list[Job]:
+    """Hand jobs claimed by `worker` on to other worker names (one per Dagster run) with a new lease, and put
+    the `release` ones back in the queue as if never claimed; one transaction, fenced on (running, worker).
+
+    Returns the released jobs (each logged as `requeued`, reason `not_launched`).
+    """
+    released_ids = list(release)
+
+    def work(conn: Connection) -> list[Job]:
+        now = _now()
+        mine = (OllamaJob.status == "running") & (OllamaJob.worker == worker[:128])
+        for name, ids in assignments.items():
+            for start in range(0, len(ids), 900):
+                conn.execute(update(OllamaJob).where(mine, OllamaJob.id.in_(ids[start : start + 900]))
+                             .values(worker=name[:128], lease_until=now + timedelta(seconds=lease_seconds),
+                                     updated_at=now))
+        back: list[Job] = []
+        for start in range(0, len(released_ids), 900):
+            rows = conn.execute(update(OllamaJob).where(mine, OllamaJob.id.in_(released_ids[start : start + 900]))
+                                .values(status="queued", attempts=OllamaJob.attempts - 1, worker=None,
+                                        lease_until=None, started_at=None, updated_at=now)
+                                .returning(*OllamaJob.__table__.c)).mappings()
+            back.extend(Job.from_row(r) for r in rows)
+        return back
+
+    released = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="assign claims")
+    for job in released:
+        _log_job(pipeline, "requeued", job, reason="not_launched", worker=worker)
+    return released
+
+
+def claimed_by(pipeline: Pipeline, worker_prefix: str) -> list[Job]:
+    """Running jobs whose worker name starts with worker_prefix (e.g. the claims of Dagster runs), by id."""
+    with pipeline.engine.connect() as conn:
+        rows = conn.execute(select(OllamaJob).where(OllamaJob.status == "running",
+                                                    OllamaJob.worker.startswith(worker_prefix, autoescape=True))
+                            .order_by(OllamaJob.id)).mappings()
+        return [Job.from_row(r) for r in rows]
+
+
+def renew_claims(pipeline: Pipeline, jobs: Iterable[Job], lease_seconds: float) -> int:
+    """Extend the leases of claimed jobs, fenced on (id, running, attempts, worker); returns how many."""
+    claims = [(job.id, job.attempts, job.worker) for job in jobs]
+    if not claims:
+        return 0
+
+    def work(conn: Connection) -> int:
+        until = _now() + timedelta(seconds=lease_seconds)
+        renewed = 0
+        for job_id, attempt, worker in claims:
+            renewed += conn.execute(update(OllamaJob).where(
+                OllamaJob.id == job_id, OllamaJob.status == "running", OllamaJob.attempts == attempt,
+                OllamaJob.worker == worker).values(lease_until=until)).rowcount
+        return renewed
+
+    return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="renew claims")
+
+
 class LeaseKeeper:
     """Renews the leases of the jobs a worker is running, so only a dead worker's jobs expire."""
 
@@ -568,26 +630,53 @@ def _run_claimed(pipeline: Pipeline, job: Job, keeper: LeaseKeeper | None = None
             keeper.untrack(job)
     duration = (time.perf_counter() - started) * 1000.0
     metrics = outcome.metrics if outcome is not None else None
-    tokens = {"prompt_eval_count": metrics.prompt_eval_count if metrics else 0,
-              "eval_count": metrics.eval_count if metrics else 0}
+    return _report(pipeline, job, status, not_before, error=error, model=model, duration_ms=duration,
+                   item_status=outcome.status if outcome else None,
+                   changed_keys=outcome.changed_keys if outcome else [],
+                   prompt_eval_count=metrics.prompt_eval_count if metrics else 0,
+                   eval_count=metrics.eval_count if metrics else 0, calls=metrics.calls if metrics else 0)
+
+
+def _report(pipeline: Pipeline, job: Job, status: str | None, not_before: datetime | None, *,
+            error: dict[str, Any] | None, model: str | None, duration_ms: float, item_status: str | None,
+            changed_keys: list[str], prompt_eval_count: int, eval_count: int, calls: int,
+            **extra: Any) -> JobOutcome:
+    """The JobOutcome of a finished claim and its one jobs-log line (succeeded, retried, failed, lease_lost)."""
     common = {"job_id": job.id, "media_id": job.media_id, "job_type": job.job_type, "model": model,
-              "attempt": job.attempts, "duration_ms": duration, **tokens}
-    result = JobOutcome(claimed=True, status=status or "running", item_status=outcome.status if outcome else None,
-                        changed_keys=outcome.changed_keys if outcome else [], error=error,
-                        lease_lost=status is None, next_attempt_at=not_before, **common)
+              "attempt": job.attempts, "duration_ms": duration_ms, "prompt_eval_count": prompt_eval_count,
+              "eval_count": eval_count}
+    result = JobOutcome(claimed=True, status=status or "running", item_status=item_status,
+                        changed_keys=changed_keys, error=error, lease_lost=status is None,
+                        next_attempt_at=not_before, **common)
     err_fields = {"channel": error.get("channel"), "code": error.get("code"), "retryable": error.get("retryable"),
                   "message": error.get("message")} if error else {}
     if status is None:
-        _log(pipeline, "lease_lost", **common, **err_fields)
+        _log(pipeline, "lease_lost", **common, **err_fields, **extra)
     elif status == "done":
         _log(pipeline, "succeeded", **common, item_status=result.item_status, changed_keys=result.changed_keys,
-             calls=metrics.calls if metrics else 0)
+             calls=calls, **extra)
     elif status == "queued":
         _log(pipeline, "retried", **common, **err_fields, max_attempts=job.max_attempts,
-             next_attempt_at=not_before.isoformat(timespec="milliseconds") + "Z" if not_before else None)
+             next_attempt_at=not_before.isoformat(timespec="milliseconds") + "Z" if not_before else None, **extra)
     else:
-        _log(pipeline, "failed", **common, **err_fields, max_attempts=job.max_attempts)
+        _log(pipeline, "failed", **common, **err_fields, max_attempts=job.max_attempts, **extra)
     return result
+
+
+def finish_claimed(pipeline: Pipeline, job: Job, error: dict[str, Any] | None, *, item_status: str | None = None,
+                   model: str | None = None, duration_ms: float = 0.0, prompt_eval_count: int = 0,
+                   eval_count: int = 0, changed_keys: Iterable[str] = (), calls: int = 0,
+                   **extra: Any) -> JobOutcome:
+    """Record the outcome of a claimed job that ran elsewhere (a Dagster run), exactly as a worker records it.
+
+    error None means done; a retryable error requeues the job with backoff while attempts remain, any other
+    error fails it. The write is fenced on the claim (id, running, attempts), and one jobs-log line is written.
+    """
+    model = model or _model_for(pipeline, job.job_type, job.payload)
+    status, not_before = _finish(pipeline, job, error)
+    return _report(pipeline, job, status, not_before, error=error, model=model, duration_ms=duration_ms,
+                   item_status=item_status, changed_keys=list(changed_keys), prompt_eval_count=prompt_eval_count,
+                   eval_count=eval_count, calls=calls, **extra)
 
 
 def process_ollama_job(pipeline: Pipeline, job_id: int, *, worker: str | None = None) -> JobOutcome:

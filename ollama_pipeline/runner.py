@@ -211,8 +211,10 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
 
 def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], *, force: bool = False,
               concurrency: int | None = None, run_id: str | None = None, job_ids: dict[int, int] | None = None,
-              chunk_size: int = 256) -> Iterator[ItemOutcome]:
-    """Run a stage over many items with bounded concurrency; yields outcomes as they complete."""
+              chunk_size: int = 256, model: str | None = None) -> Iterator[ItemOutcome]:
+    """Run a stage over many items with bounded concurrency; yields outcomes as they complete.
+
+    model overrides the configured model of the stage (a job payload's `model`)."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     ids = list(dict.fromkeys(int(i) for i in media_ids))
     workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
@@ -238,7 +240,7 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                     for fut in done:
                         yield fut.result()
                 pending.add(pool.submit(run_item, pipeline, stage, inputs[media_id], state=states.get(media_id),
-                                        force=force, job_id=job_ids.get(media_id), run_id=run_id))
+                                        force=force, model=model, job_id=job_ids.get(media_id), run_id=run_id))
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:

@@ -73,6 +73,9 @@ class StageRunConfig(Config):
                         "unchanged, and re-read files whose size and mtime are unchanged.")
     concurrency: int | None = Field(default=None, ge=1, le=256,
                                     description="Model calls at once; default: pipeline.concurrency.")
+    model: str | None = Field(default=None, min_length=1, max_length=255,
+                              description="Use this model instead of the configured one for every selected "
+                              "stage (set by queued_jobs_sensor from a job payload's `model`).")
 
 
 # ---- the stage registry, read at definition time ---------------------------------------------------
@@ -258,7 +261,7 @@ def _materialize_stage(context: AssetExecutionContext, pipeline: Pipeline, stage
                                             "message": f"{blocked[media_id]} failed for this item in this run"})
     runnable = [i for i in media_ids if i not in blocked]
     for outcome in run_stage(pipeline, stage, runnable, force=config.force, concurrency=config.concurrency,
-                             run_id=context.run_id):
+                             run_id=context.run_id, model=config.model):
         tally.add(outcome.media_id, outcome.status, outcome.error)
         if outcome.status != "failed":
             yield AssetMaterialization(asset_key=stage.job_type, partition=str(outcome.media_id),
