@@ -1,15 +1,18 @@
 """The export feed (§2 UI/Downstream): JSON Lines, one object per media item with every `ollama.*` key.
 
-Format `ollama_pipeline.export/v1` (documented in README): `schema`, `media_id`, `path`, `hash`, `type`,
-`width`, `height`, `ollama` (every stored `ollama.*` key, parsed from its JSON text) and `stages`
-(status, model, version and last success per stage). Lines are ordered by media id and written to a
-temporary file that replaces the target only when complete, so readers never see half a feed.
+Format `ollama_pipeline.export/v1` (documented in docs/export_format.md, JSON Schema in
+docs/export_schema.json): `schema`, `media_id`, `path`, `hash`, `type`, `width`, `height`, `quality_status`,
+`quality_score`, `ollama` (every stored `ollama.*` key, parsed from its JSON text) and `stages` (status,
+model, version, last success and error code per stage). Lines are ordered by media id and written to a
+temporary file that replaces the target only when complete, so readers never see half a feed; an
+unchanged library gives a byte-identical file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,18 +66,27 @@ def default_export_path(settings: Settings) -> Path:
     return settings.logs_dir.parent / "exports" / "ollama_export.jsonl"
 
 
+def temp_beside(target: Path) -> Path:
+    """A unique hidden temporary name next to target: two writers (CLI, Dagster) never share one."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_export(settings: Settings, path: Path | None = None) -> tuple[Path, int]:
     """Write the feed atomically; returns (path, number of items)."""
     engine = get_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
     target = path or default_export_path(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp = temp_beside(target)
     count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in export_records(engine):
-            fh.write(canonical_json(record) + "\n")
-            count += 1
-    os.replace(tmp, target)
+    try:
+        with tmp.open("x", encoding="utf-8", newline="\n") as fh:
+            for record in export_records(engine):
+                fh.write(canonical_json(record) + "\n")
+                count += 1
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return target, count
 
 
