@@ -213,22 +213,24 @@ def test_queued_jobs_run_as_batched_ranges_and_complete_with_media_meta(
 
 
 def test_runs_beyond_the_per_tick_cap_go_back_to_the_queue_unspent(
-        sqlite_url: str, library_for: Callable[..., Library]) -> None:
-    """Three scattered items make three ranges; with room for one run, the other two jobs are queued
-    again with their attempt given back and are launched by the next tick."""
-    lib = library_for(sqlite_url, 5)
+        db_url: str, library_for: Callable[..., Library]) -> None:
+    """Three scattered items make three ranges; with room for one run, the highest-priority job's run is
+    requested and the other two jobs are queued again with their attempt given back, for the next tick."""
+    lib = library_for(db_url, 5)
     lib.register_all()
-    ids = lib.enqueue(CAPTION, [lib.ids[0], lib.ids[2], lib.ids[4]])
+    ids = lib.enqueue(CAPTION, [lib.ids[0], lib.ids[2]]) + lib.enqueue(CAPTION, [lib.ids[4]], {"priority": 50})
 
     first = queued_jobs_tick(lib.instance, lib.core, max_runs=1)
 
-    assert len(first.run_requests or []) == 1
-    assert first.run_requests[0].tags[JOB_IDS_TAG] == str(ids[0])
-    assert [(lib.job(i).status, lib.job(i).attempts) for i in ids] == [("running", 1), ("queued", 0), ("queued", 0)]
+    assert len(first.run_requests or []) == 1  # the priority job's run comes first, with the queue priority
+    assert first.run_requests[0].tags[JOB_IDS_TAG] == str(ids[2])
+    assert first.run_requests[0].tags["dagster/priority"] == "50"
+    assert [(lib.job(i).status, lib.job(i).attempts) for i in ids] == [("queued", 0), ("queued", 0), ("running", 1)]
     requeued = [e for e in lib.log_events() if e["event"] == "requeued"]
-    assert {e["job_id"] for e in requeued} == set(ids[1:]) and {e["reason"] for e in requeued} == {"not_launched"}
+    assert {e["job_id"] for e in requeued} == set(ids[:2]) and {e["reason"] for e in requeued} == {"not_launched"}
     second = queued_jobs_tick(lib.instance, lib.core, max_runs=5)
-    assert sorted(r.tags[JOB_IDS_TAG] for r in second.run_requests or []) == [str(ids[1]), str(ids[2])]
+    assert [r.tags[JOB_IDS_TAG] for r in second.run_requests or []] == [str(ids[0]), str(ids[1])]
+    assert all("dagster/priority" not in r.tags for r in second.run_requests or [])
 
 
 def test_failed_items_fail_or_requeue_their_jobs_with_the_stage_error_code(
@@ -266,11 +268,11 @@ def test_failed_items_fail_or_requeue_their_jobs_with_the_stage_error_code(
 
 
 def test_jobs_of_a_queued_run_keep_their_lease_and_an_ended_run_without_outcomes_requeues_them(
-        sqlite_url: str, library_for: Callable[..., Library], emulator: Any) -> None:
+        db_url: str, library_for: Callable[..., Library], emulator: Any) -> None:
     """While the run waits in the queue, the completion tick renews the jobs' leases (no other worker can
     take them); a run that fails before reaching its items requeues them (internal.run_failed), a canceled
     one fails them (internal.run_canceled)."""
-    lib = library_for(sqlite_url, 2)
+    lib = library_for(db_url, 2)
     ids = lib.enqueue(CAPTION, lib.ids)
     request = (lib.tick().run_requests or [])[0]
     run = DagsterRun(job_name="__ASSET_JOB", run_id="a1b2c3d4-0000-4000-8000-000000000001",

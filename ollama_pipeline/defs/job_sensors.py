@@ -9,8 +9,9 @@ re-runs stale and retryable-failed items.
   run materializes exactly the partitions that were asked for: jobs for media 1, 2 and 5 are two runs,
   never one run over 1..5 that would also call the model for 3 and 4. Each run is claimed by its own worker
   name `dagster:<batch>`, carried by the run tag `ollama_pipeline/batch`; that name, not the informative
-  job-id tag, is what ties jobs to their run. At most MAX_RUNS_PER_TICK runs are requested per tick; jobs of
-  further ranges are handed back to the queue for the next tick.
+  job-id tag, is what ties jobs to their run. Job priority becomes the run queue's `dagster/priority`,
+  and upstream stages are requested before downstream ones. At most MAX_RUNS_PER_TICK runs are requested
+  per tick; jobs of further ranges are handed back to the queue, unspent, for the next tick.
 - **Leases.** Dagster claims hold a lease of at least four completion ticks; `job_runs_sensor` renews it on
   every tick while the run is queued or running, so the queue's lease expiry only requeues jobs whose run
   never appeared (a lost launch).
@@ -66,6 +67,7 @@ JOB_TYPE_TAG = "ollama_pipeline/job_type"
 JOB_COUNT_TAG = "ollama_pipeline/job_count"
 BATCH_TAG = "ollama_pipeline/batch"
 REFRESH_TAG = "ollama_pipeline/refresh"
+PRIORITY_TAG = "dagster/priority"  # the run queue launches higher values first
 WORKER_PREFIX = "dagster:"
 MAX_JOBS_PER_TICK = 10_000
 MAX_RUNS_PER_TICK = 50
@@ -97,9 +99,13 @@ class PlannedRun(BaseModel):
         return [job.id for job in self.claims]
 
     @property
-    def rank(self) -> tuple[int, int]:
-        """Runs holding higher-priority, older jobs are requested first."""
-        return -max(job.priority for job in self.claims), min(self.job_ids)
+    def priority(self) -> int:
+        return max(job.priority for job in self.claims)
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Higher-priority jobs first, then upstream stages before downstream ones, then older jobs."""
+        return -self.priority, stage_job_types.index(self.job_type), min(self.job_ids)
 
 
 def job_ids_tag(ids: Sequence[int]) -> str:
@@ -133,7 +139,8 @@ def plan_runs(claimed: Iterable[jobs.Job], ordered_keys: Sequence[str]) -> list[
 def run_request(run: PlannedRun) -> RunRequest:
     """The RunRequest of a planned run: the stage's asset over start..end, job ids and batch in tags."""
     tags = {**range_tags(run.start, run.end), JOB_TYPE_TAG: run.job_type, BATCH_TAG: run.batch,
-            JOB_IDS_TAG: job_ids_tag(run.job_ids), JOB_COUNT_TAG: str(len(run.claims))}
+            JOB_IDS_TAG: job_ids_tag(run.job_ids), JOB_COUNT_TAG: str(len(run.claims)),
+            **({PRIORITY_TAG: str(run.priority)} if run.priority else {})}
     return RunRequest(run_key=run.batch, asset_selection=[AssetKey(run.job_type)], tags=tags,
                       run_config=stage_run_config(force=run.force, model=run.model))
 
@@ -163,8 +170,12 @@ def queued_jobs_tick(instance: DagsterInstance, core: Pipeline, *, max_jobs: int
     claimed = jobs.claim_jobs(core, tick_worker, max_jobs, stage_job_types)
     if not claimed:
         return SensorResult(skip_reason=SkipReason("no queued jobs are due"))
-    ordered = register_partitions(instance, [media_key(job.media_id) for job in claimed])
-    planned = plan_runs(claimed, ordered)
+    try:
+        ordered = register_partitions(instance, [media_key(job.media_id) for job in claimed])
+        planned = plan_runs(claimed, ordered)
+    except Exception:  # nothing was launched: give the claims back instead of waiting for their lease
+        jobs.assign_claims(core, tick_worker, {}, lease_seconds=0, release=[job.id for job in claimed])
+        raise
     launched, later = planned[:max_runs], planned[max_runs:]
     jobs.assign_claims(core, tick_worker, {run.batch: run.job_ids for run in launched},
                        lease_seconds=dagster_lease_seconds(core),
