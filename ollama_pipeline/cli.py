@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_export)
 
     for module in ("ollama_pipeline.cli_jobs", "ollama_pipeline.web.cli", "ollama_pipeline.bench",
-                   "ollama_pipeline.docs"):
+                   "ollama_pipeline.docs", "ollama_pipeline.ui"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ModuleNotFoundError as exc:

@@ -20,15 +20,21 @@ def parse_stage_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def dagster_instance():  # -> DagsterInstance (import kept lazy: Dagster is slow to import)
-    """The instance of $DAGSTER_HOME; sets DAGSTER_HOME to ./.dagster_home when unset."""
-    from dagster import DagsterInstance
-
+def ensure_dagster_home() -> Path:
+    """$DAGSTER_HOME (set to ./.dagster_home when unset), created, holding the project's dagster.yaml."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
     project_yaml = Path(__file__).resolve().parent.parent / "dagster.yaml"
     if not (home / "dagster.yaml").exists() and project_yaml.exists():
         shutil.copyfile(project_yaml, home / "dagster.yaml")
+    return home
+
+
+def dagster_instance():  # -> DagsterInstance (import kept lazy: Dagster is slow to import)
+    """The instance of $DAGSTER_HOME; sets DAGSTER_HOME to ./.dagster_home when unset."""
+    from dagster import DagsterInstance
+
+    ensure_dagster_home()
     return DagsterInstance.get()
 
 

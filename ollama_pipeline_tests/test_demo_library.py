@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, func, select
 
 from ollama_pipeline.db.engine import make_engine
-from ollama_pipeline.db.models import Media, MediaMeta, MediaTag, Prompt, ScanResult, Tag
+from ollama_pipeline.db.models import Base, Media, MediaMeta, MediaTag, Prompt, ScanResult, Tag
 from ollama_pipeline.demo_library import (
     INJECTION_INDEX,
     INJECTION_TEXT,
@@ -28,7 +26,6 @@ from ollama_pipeline.demo_library import (
 )
 
 LIBRARY_SIZE = 30
-PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 @dataclass
@@ -53,23 +50,14 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Library]:
 
 
 @pytest.fixture
-def pg_engine() -> Iterator[Engine]:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"ollama_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:  # no server here: nothing to test against
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 not reachable: {exc.orig}")
-    engine = make_engine(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
+def pg_engine(pg_database: str) -> Iterator[Engine]:
+    """The PostgreSQL database of this test run (made and dropped by conftest), emptied for this test."""
+    engine = make_engine(pg_database)
+    Base.metadata.drop_all(engine)
     try:
         yield engine
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _media_rows(engine: Engine) -> list[Any]:
