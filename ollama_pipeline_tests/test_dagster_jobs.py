@@ -233,6 +233,22 @@ def test_runs_beyond_the_per_tick_cap_go_back_to_the_queue_unspent(
     assert all("dagster/priority" not in r.tags for r in second.run_requests or [])
 
 
+def test_a_job_whose_stored_payload_no_longer_parses_fails_without_a_run(
+        sqlite_url: str, library_for: Callable[..., Library]) -> None:
+    """A stored payload that breaks the payload model fails that job with validation.payload; the others run."""
+    lib = library_for(sqlite_url, 2)
+    good, bad = lib.enqueue(CAPTION, lib.ids)
+    with lib.core.engine.begin() as conn:
+        conn.execute(update(OllamaJob).where(OllamaJob.id == bad).values(payload='{"force": "yes"}'))
+
+    result = lib.tick()
+
+    assert [r.tags[JOB_IDS_TAG] for r in result.run_requests or []] == [str(good)]
+    job = lib.job(bad)
+    assert (job.status, job.error_code) == ("failed", "validation.payload")
+    assert any(e["event"] == "failed" and e.get("job_id") == bad for e in lib.log_events())
+
+
 def test_failed_items_fail_or_requeue_their_jobs_with_the_stage_error_code(
         sqlite_url: str, library_for: Callable[..., Library], emulator: Any) -> None:
     """One run over three title jobs: prose for item 2 fails its job (not retryable), 503 for item 3 requeues

@@ -49,6 +49,7 @@ from dagster import (
     sensor,
 )
 from pydantic import BaseModel, Field
+from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 
 from ollama_pipeline import jobs
@@ -58,7 +59,7 @@ from ollama_pipeline.defs.assets import LIBRARY_OP, ordered_stages
 from ollama_pipeline.defs.launch import register_partitions
 from ollama_pipeline.defs.partitions import contiguous_ranges, media_key, range_tags
 from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.errors import OllamaPipelineError
+from ollama_pipeline.errors import OllamaPipelineError, ValidationError
 from ollama_pipeline.refresh import refresh_items
 from ollama_pipeline.runner import Pipeline
 
@@ -160,6 +161,22 @@ def _down(core: Pipeline, what: str) -> SkipReason | None:
 # ---- queued_jobs_sensor ---------------------------------------------------------------------------
 
 
+def _with_valid_payloads(core: Pipeline, claimed: list[jobs.Job]) -> list[jobs.Job]:
+    """The claimed jobs whose stored payload parses; the others fail now with validation.payload."""
+    valid = []
+    for job in claimed:
+        try:
+            job.options  # noqa: B018 - parsing is the check
+        except PydanticValidationError as exc:
+            error = ValidationError(f"stored payload of job {job.id} is invalid: {exc.errors()[0]['msg']}",
+                                    code="validation.payload")
+            core.logs.error(error, job_id=job.id, media_id=job.media_id, job_type=job.job_type)
+            jobs.finish_claimed(core, job, error.to_dict())
+            continue
+        valid.append(job)
+    return valid
+
+
 def queued_jobs_tick(instance: DagsterInstance, core: Pipeline, *, max_jobs: int = MAX_JOBS_PER_TICK,
                      max_runs: int = MAX_RUNS_PER_TICK) -> SensorResult:
     """One tick: health check, claim due jobs, register partitions, one RunRequest per batch."""
@@ -167,7 +184,7 @@ def queued_jobs_tick(instance: DagsterInstance, core: Pipeline, *, max_jobs: int
     if skip is not None:
         return SensorResult(skip_reason=skip)
     tick_worker = f"{WORKER_PREFIX}tick-{uuid.uuid4().hex[:12]}"
-    claimed = jobs.claim_jobs(core, tick_worker, max_jobs, stage_job_types)
+    claimed = _with_valid_payloads(core, jobs.claim_jobs(core, tick_worker, max_jobs, stage_job_types))
     if not claimed:
         return SensorResult(skip_reason=SkipReason("no queued jobs are due"))
     try:
