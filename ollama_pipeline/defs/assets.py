@@ -37,6 +37,7 @@ from dagster import (
     BackfillPolicy,
     BetaWarning,
     Config,
+    DagsterEvent,
     DagsterLogManager,
     Failure,
     MetadataValue,
@@ -48,6 +49,7 @@ from sqlalchemy import select
 from ollama_pipeline.db import repository
 from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.checks import check_specs_for, evaluate_checks
+from ollama_pipeline.defs.events import EventBatcher
 from ollama_pipeline.defs.partitions import media_partitions
 from ollama_pipeline.defs.resources import PipelineResource
 from ollama_pipeline.errors import OllamaPipelineError, ValidationError
@@ -295,17 +297,20 @@ def failure_for(tallies: list[Tally]) -> Failure | None:
 
 
 def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,
-                        stages: list[Stage]) -> Iterator[AssetMaterialization | AssetCheckResult]:
+                        stages: list[Stage]) -> Iterator[AssetMaterialization | AssetCheckResult | DagsterEvent]:
     """The body of `ollama_library`: selected assets in dependency order, then raise for failed items."""
     selected = context.selected_asset_keys
     checks = set(context.selected_asset_check_keys)
     tallies: list[Tally] = []
     failed: dict[str, set[int]] = {}
     media_ids = [int(k) for k in context.partition_keys] if selected else []
+    batcher = EventBatcher(context)
     if AssetKey(MEDIA) in selected:
         tally = Tally(MEDIA, len(media_ids), context.log)
         tallies.append(tally)
-        yield from _materialize_media(pipeline, media_ids, config, tally)
+        for event in _materialize_media(pipeline, media_ids, config, tally):
+            yield from batcher.add(event)
+        yield from batcher.flush()
         failed[MEDIA] = set(tally.failed)
     for stage in stages:
         if AssetKey(stage.job_type) in selected:
@@ -315,7 +320,9 @@ def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, conf
                 blocked.update({i: upstream for i in failed.get(upstream, ()) if i not in blocked})
             tally = Tally(stage.job_type, len(media_ids), context.log)
             tallies.append(tally)
-            yield from _materialize_stage(context, pipeline, stage, media_ids, blocked, config, tally)
+            for event in _materialize_stage(context, pipeline, stage, media_ids, blocked, config, tally):
+                yield from batcher.add(event)
+            yield from batcher.flush()
             failed[stage.job_type] = set(tally.failed)
         yield from evaluate_checks(pipeline.engine, stage, checks)
     failure = failure_for(tallies)
@@ -336,7 +343,7 @@ def build_library_asset(stages: list[Stage] | None = None) -> AssetsDefinition:
             description="Indexes media files and runs the Ollama stages over many media items in one step.")
 
     def ollama_library(context: AssetExecutionContext, config: StageRunConfig,
-                       pipeline: PipelineResource) -> Iterator[AssetMaterialization | AssetCheckResult]:
+                       pipeline: PipelineResource) -> Iterator[AssetMaterialization | AssetCheckResult | DagsterEvent]:
         yield from materialize_library(context, pipeline.pipeline(), config, stages)
 
     return decorator(ollama_library)

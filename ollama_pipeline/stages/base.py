@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime
 from typing import Any, Literal
 
@@ -194,6 +195,16 @@ def render(template: str, **data: Any) -> str:
     return template.format(**{k: quote_data(v) for k, v in data.items()})
 
 
+@lru_cache(maxsize=None)
+def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
+
+
+@lru_cache(maxsize=None)
+def _schema_hash(model: type[BaseModel]) -> str:
+    return sha256_json(_json_schema(model))[:12]
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage = one job type of the seed (§3)."""
@@ -227,11 +238,12 @@ class Stage:
 
     @property
     def schema(self) -> dict[str, Any]:
-        return self.output_schema.model_json_schema()
+        """The answer's JSON schema (sent as Ollama `format`); computed once per model class. Do not mutate."""
+        return _json_schema(self.output_schema)
 
     @property
     def schema_hash(self) -> str:
-        return sha256_json(self.schema)[:12]
+        return _schema_hash(self.output_schema)
 
     @property
     def version(self) -> str:
