@@ -48,10 +48,14 @@ CAPTION = "ollama_caption"
 
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A real (SQLite) Dagster instance in a temporary DAGSTER_HOME."""
+    """A real SQLite Dagster instance in a temporary DAGSTER_HOME, with the event log storage the project
+    ships in dagster.yaml (batched writes)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    with instance_for_test(temp_dir=str(home)) as inst:
+    storage = {"module": "ollama_pipeline.defs.event_storage", "class": "BatchedSqliteEventLogStorage",
+               "config": {"base_dir": str(home / "history" / "runs")}}
+    with instance_for_test(temp_dir=str(home), overrides={"event_log_storage": storage}) as inst:
+        assert type(inst.event_log_storage).__name__ == "BatchedSqliteEventLogStorage"
         yield inst
 
 
@@ -114,9 +118,30 @@ def test_asset_graph_puts_media_upstream_of_every_stage_from_the_registry() -> N
     assert AssetKey(CAPTION) in graph.get(AssetKey("ollama_title")).parent_keys
 
 
+@pytest.fixture(params=["sqlite", "postgres", "dagster_sqlite"])
+def any_instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
+    """The shipped SQLite instance, the documented PostgreSQL instance (a database made and dropped
+    here), and Dagster's own SQLite storage: per-item outcomes must be the same on each."""
+    from ollama_pipeline.bench.harness import dagster_home
+
+    if request.param == "sqlite":
+        yield request.getfixturevalue("instance")
+        return
+    if request.param == "postgres":
+        request.getfixturevalue("pg_database")  # PostgreSQL is there
+    kind = "postgres" if request.param == "postgres" else "sqlite"
+    with dagster_home(tmp_path, kind, plain=request.param == "dagster_sqlite") as home:
+        inst = DagsterInstance.from_config(str(home))
+        try:
+            yield inst
+        finally:
+            inst.dispose()
+
+
 def test_one_run_over_six_items_materializes_four_and_fails_naming_the_two(
-        library: tuple[Settings, Engine, list[int]], instance: DagsterInstance, emulator: Any) -> None:
+        library: tuple[Settings, Engine, list[int]], any_instance: DagsterInstance, emulator: Any) -> None:
     """A corrupt and a missing file fail only their partitions; the run's Failure names channel/code."""
+    instance = any_instance
     settings, engine, ids = library
     corrupt, missing = ids[1], ids[3]
     (settings.media_root / _media_path(engine, corrupt)).write_bytes(b"not an image at all")
@@ -303,3 +328,39 @@ def test_digit_only_tags_fail_the_not_degenerate_check() -> None:
     bad = degenerate_result(stage, StoredAnswers(ok_items=6, values={key: values}))
     assert ok.passed
     assert not bad.passed and "1234" in (bad.description or "")
+
+
+def test_documented_postgres_instance_block_of_dagster_yaml_runs_the_stages(
+        library: tuple[Settings, Engine, list[int]], pg_database: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, emulator: Any) -> None:
+    """The commented PostgreSQL blocks of dagster.yaml, used as README says, make a working instance."""
+    import uuid
+
+    import yaml
+    from sqlalchemy import create_engine, text
+
+    text_yaml = (REPO / "dagster.yaml").read_text()
+    block = text_yaml[text_yaml.index("# run_storage:"):]
+    config = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line.lstrip("#")
+                                      for line in block.splitlines()))
+    assert config["event_log_storage"]["class"] == "BatchedPostgresEventLogStorage"
+    admin_url = pg_database.rsplit("/", 1)[0] + "/postgres"
+    name = f"dagster_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    home = tmp_path / "pg_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DAGSTER_PG_URL", admin_url.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        instance = DagsterInstance.from_config(str(home))
+        settings, _, ids = library
+        summary = materialize_stages(settings, ids[:3], [CAPTION], instance, log_level="WARNING")
+        assert summary.ok and summary.counts[CAPTION]["written"] == 3
+        assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {str(i) for i in ids[:3]}
+        instance.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

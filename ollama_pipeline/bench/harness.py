@@ -96,9 +96,24 @@ def copy_sqlite_library(source: Path, target: Path) -> None:
     shutil.copyfile(source, target)
 
 
+def postgres_instance_config(url: str) -> dict[str, Any]:
+    """Instance storage on PostgreSQL as README documents it: dagster-postgres run and schedule storage,
+    the batched event log storage (defs.event_storage)."""
+    return {
+        "run_storage": {"module": "dagster_postgres.run_storage", "class": "PostgresRunStorage",
+                        "config": {"postgres_url": url}},
+        "event_log_storage": {"module": "ollama_pipeline.defs.event_storage",
+                              "class": "BatchedPostgresEventLogStorage", "config": {"postgres_url": url}},
+        "schedule_storage": {"module": "dagster_postgres.schedule_storage", "class": "PostgresScheduleStorage",
+                             "config": {"postgres_url": url}},
+    }
+
+
 @contextmanager
-def dagster_home(workdir: Path, kind: InstanceKind) -> Iterator[Path]:
-    """A temporary DAGSTER_HOME holding the project's dagster.yaml, with PostgreSQL storage for 'postgres'."""
+def dagster_home(workdir: Path, kind: InstanceKind, *, plain: bool = False) -> Iterator[Path]:
+    """A temporary DAGSTER_HOME configured as the project ships it (dagster.yaml, README): the batched
+    event log storage on SQLite files, or on a PostgreSQL database made here and dropped at the end.
+    plain=True: Dagster's own SQLite storage (the baseline)."""
     home = workdir / f"dagster_home_{kind}_{uuid.uuid4().hex[:6]}"
     home.mkdir(parents=True)
     config: dict[str, Any] = {"telemetry": {"enabled": False}}
@@ -110,7 +125,11 @@ def dagster_home(workdir: Path, kind: InstanceKind) -> Iterator[Path]:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{database}"'))
         admin.dispose()
-        config["storage"] = {"postgres": {"postgres_url": admin_url.rsplit("/", 1)[0] + f"/{database}"}}
+        config.update(postgres_instance_config(admin_url.rsplit("/", 1)[0] + f"/{database}"))
+    elif not plain:
+        config["event_log_storage"] = {"module": "ollama_pipeline.defs.event_storage",
+                                       "class": "BatchedSqliteEventLogStorage",
+                                       "config": {"base_dir": str(home / "history" / "runs")}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     try:
         yield home
