@@ -46,20 +46,22 @@ def _machine() -> dict[str, Any]:
 
 def _scenarios(stages: str, instance: str) -> list[tuple[list[str] | None, str]]:
     selections: list[list[str] | None] = []
+    if stages.strip() == "none":  # e.g. only --scale-check
+        return []
     for part in stages.split(";"):
         part = part.strip()
         selections.append(None if part == "all" else [s.strip() for s in part.split(",") if s.strip()])
-    kinds = ["sqlite", "postgres"] if instance == "both" else [instance]
+    kinds = {"both": ["sqlite", "postgres"], "all": ["sqlite-dagster", "sqlite", "postgres"]}.get(instance, [instance])
     return [(sel, kind) for sel in selections for kind in kinds]
 
 
 def render_table(report: BenchReport) -> str:
-    head = (f"{'stages':<10} {'instance':<9} {'items':>6} {'calls':>6} {'ideal s':>8} {'wall s':>8} {'ideal/wall':>10} "
+    head = (f"{'stages':<10} {'instance':<14} {'items':>6} {'calls':>6} {'ideal s':>8} {'wall s':>8} {'ideal/wall':>10} "
             f"{'raw s':>7} {'per-item x':>10} {'cpu ms':>7} {'orch ms':>8} {'rerun':>6} {'rss MB':>7}")
     lines = [head, "-" * len(head)]
     for s in report.scenarios:
         label = "all" if len(s.stages) == 8 else ",".join(x.removeprefix("ollama_") for x in s.stages)
-        lines.append(f"{label:<10} {s.instance:<9} {s.items:>6} {s.model_calls:>6} {s.ideal_s:>8.1f} {s.wall_s:>8.1f} "
+        lines.append(f"{label:<10} {s.instance:<14} {s.items:>6} {s.model_calls:>6} {s.ideal_s:>8.1f} {s.wall_s:>8.1f} "
                      f"{s.ratio_to_ideal:>10.2f} {s.raw_client_s:>7.1f} {s.per_item_run_speedup:>10.1f} "
                      f"{s.cpu_ms_per_item_stage:>7.2f} {s.orchestration_cpu_ms_per_item_stage:>8.2f} "
                      f"{s.rerun_model_calls:>6} {s.peak_rss_mb:>7.0f}")
@@ -133,10 +135,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=1000, help="media items in the bench library (default 1000)")
     p.add_argument("--stages", default="caption;all",
-                   help="stage selections separated by ';', each 'all' or stage names with commas "
+                   help="stage selections separated by ';', each 'all' or stage names with commas, or 'none' "
                         "(default 'caption;all')")
-    p.add_argument("--instance", choices=["sqlite", "postgres", "both"], default="both",
-                   help="Dagster instance storage (default both)")
+    p.add_argument("--instance", choices=["sqlite", "postgres", "sqlite-dagster", "both", "all"], default="both",
+                   help="Dagster instance storage: sqlite (as shipped), postgres (as documented), sqlite-dagster "
+                        "(Dagster's own storage, no event batches: the baseline); both = sqlite + postgres, "
+                        "all = the three (default both)")
     p.add_argument("--latency-ms", type=int, default=200, help="emulator time per model call (default 200)")
     p.add_argument("--parallel", type=int, default=4, help="emulator calls served at once (default 4)")
     p.add_argument("--concurrency", type=int, default=None, help="model calls at once in a run (default --parallel)")

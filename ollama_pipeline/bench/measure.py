@@ -25,10 +25,11 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from ollama_pipeline.bench.harness import EmulatorProcess, InstanceKind, Stopwatch, dagster_home
+from ollama_pipeline.bench.harness import EmulatorProcess, Stopwatch, dagster_home
 from ollama_pipeline.config import CONFIG_ENV, Settings
 from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA
+from ollama_pipeline.defs.events import BATCH_SIZE_ENV
 from ollama_pipeline.defs.launch import materialize_stages, resolve_asset_names
 from ollama_pipeline.images import prepare_image
 from ollama_pipeline.runner import Pipeline
@@ -119,15 +120,39 @@ def per_item_cli_run(home: Path, config_path: Path, asset_names: list[str], medi
 
 
 def run_scenario(settings: Settings, config_path: Path, emulator: EmulatorProcess, workdir: Path, *,
-                 stages: list[str] | None, instance_kind: InstanceKind, latency_ms: int, parallel: int,
+                 stages: list[str] | None, instance_kind: str, latency_ms: int, parallel: int,
                  concurrency: int, per_item_sample: int, cli_sample: int,
                  progress: Any = print) -> ScenarioResult:
-    """Index media, one run over every item for the stages, the re-run, and the baselines."""
-    from dagster import DagsterInstance, __version__
+    """Index media, one run over every item for the stages, the re-run, and the baselines.
+
+    instance_kind: sqlite (as shipped), postgres (as documented), sqlite-dagster (Dagster's own SQLite
+    event storage with event batching off: the baseline for the shipped settings)."""
 
     ids = media_ids(settings)
     names = resolve_asset_names(stages, include_media=False)
-    with dagster_home(workdir, instance_kind) as home:
+    plain = instance_kind == "sqlite-dagster"  # the baseline: Dagster's own storage, no event batches
+    saved_batch = os.environ.get(BATCH_SIZE_ENV)
+    if plain:
+        os.environ[BATCH_SIZE_ENV] = "0"
+    try:
+        return _run_scenario(settings, config_path, emulator, workdir, ids=ids, names=names, plain=plain,
+                             instance_kind=instance_kind, latency_ms=latency_ms, parallel=parallel,
+                             concurrency=concurrency, per_item_sample=per_item_sample, cli_sample=cli_sample,
+                             progress=progress)
+    finally:
+        if saved_batch is None:
+            os.environ.pop(BATCH_SIZE_ENV, None)
+        else:
+            os.environ[BATCH_SIZE_ENV] = saved_batch
+
+
+def _run_scenario(settings: Settings, config_path: Path, emulator: EmulatorProcess, workdir: Path, *,
+                  ids: list[int], names: list[str], plain: bool, instance_kind: str, latency_ms: int,
+                  parallel: int, concurrency: int, per_item_sample: int, cli_sample: int,
+                  progress: Any) -> ScenarioResult:
+    from dagster import DagsterInstance, __version__
+
+    with dagster_home(workdir, "postgres" if instance_kind == "postgres" else "sqlite", plain=plain) as home:
         instance = DagsterInstance.from_config(str(home))
         try:
             progress(f"[{instance_kind}] indexing {len(ids)} media files (media asset, one run)")
