@@ -32,7 +32,8 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(["--items", "8", "--latency-ms", "0", "--per-item-sample", "1", "--cli-sample", "1",
-                              "--out", str(tmp_path / "bench.json"), *extra])
+                              "--image-count", "1", "--image-side", "1600", "--out", str(tmp_path / "bench.json"),
+                              *extra])
 
 
 @pytest.mark.parametrize("instance", ["sqlite", "postgres"])
@@ -52,6 +53,8 @@ def test_bench_json_has_every_field_and_an_unchanged_rerun_makes_no_model_call(
     assert scenario["per_item_run_cli_s"] > 0 and scenario["per_item_run_speedup"] > 0
     assert scenario["wall_s"] > 0 and scenario["ideal_s"] == 0.0  # latency 0: the ideal is 0 s
     assert "caption" in render_table(report)
+    images = data["images"]  # a 1600 px PNG is sent downscaled: far fewer bytes than the file
+    assert images["sent_bytes_mean"] * 3 < images["source_bytes_mean"] and images["bytes_ratio"] > 3
 
 
 def test_new_prompt_version_of_one_stage_reruns_that_stage_only(

@@ -36,6 +36,7 @@ class BenchReport(BaseModel):
     settings: dict[str, Any]
     scenarios: list[ScenarioResult] = Field(default_factory=list)
     scale: dict[str, Any] | None = None
+    images: dict[str, Any] | None = None
 
 
 def _machine() -> dict[str, Any]:
@@ -65,6 +66,12 @@ def render_table(report: BenchReport) -> str:
                      f"{s.ratio_to_ideal:>10.2f} {s.raw_client_s:>7.1f} {s.per_item_run_speedup:>10.1f} "
                      f"{s.cpu_ms_per_item_stage:>7.2f} {s.orchestration_cpu_ms_per_item_stage:>8.2f} "
                      f"{s.rerun_model_calls:>6} {s.peak_rss_mb:>7.0f}")
+    if report.images:
+        i = report.images
+        lines.append("")
+        lines.append(f"images {i['side_px']} px: {i['source_bytes_mean']:,} B as file vs {i['sent_bytes_mean']:,} B "
+                     f"prepared ({i['bytes_ratio']}x fewer); {i['original_ms_per_call']} vs "
+                     f"{i['prepared_ms_per_call']} ms per call in the pipeline (preparation included)")
     if report.scale:
         lines.append("")
         lines.append("scale: " + json.dumps(report.scale, sort_keys=True))
@@ -105,6 +112,12 @@ def run_bench(args: argparse.Namespace) -> BenchReport:
                 print(f"  -> ideal/wall {result.ratio_to_ideal:.2f}, per-item speedup {result.per_item_run_speedup}x, "
                       f"orchestration {result.orchestration_cpu_ms_per_item_stage:.2f} ms CPU per item and stage, "
                       f"re-run calls {result.rerun_model_calls}")
+        if args.image_check:
+            from ollama_pipeline.bench.images import image_effect
+
+            print(f"images: {args.image_count} PNGs of {args.image_side} px, original vs prepared")
+            report.images = image_effect(workdir, count=args.image_count, side=args.image_side)
+            save(report, Path(args.out))
         if args.scale_check:
             from ollama_pipeline.bench.scale import scale_check
 
@@ -146,6 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="model calls at once in a run (default --parallel)")
     p.add_argument("--per-item-sample", type=int, default=5, help="per-item runs in process (default 5)")
     p.add_argument("--cli-sample", type=int, default=2, help="per-item runs through the dagster CLI (default 2)")
+    p.add_argument("--no-image-check", dest="image_check", action="store_false",
+                   help="skip the large-image measurement (original file vs downscaled)")
+    p.add_argument("--image-count", type=int, default=4)
+    p.add_argument("--image-side", type=int, default=4096)
     p.add_argument("--scale-check", action="store_true", help="also probe memory and sensor time at --scale-items")
     p.add_argument("--scale-items", type=int, default=100_000)
     p.add_argument("--slice-items", type=int, default=200, help="items of the run over a slice in the scale probe")
