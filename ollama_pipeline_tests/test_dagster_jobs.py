@@ -22,6 +22,7 @@ from dagster import (
     DefaultSensorStatus,
     Definitions,
     RunRequest,
+    ScheduleEvaluationContext,
     SensorResult,
     SkipReason,
     build_schedule_context,
@@ -105,18 +106,27 @@ class Library:
         return [jobs.enqueue_ollama(self.core, job_type, m, payload).job_id for m in media_ids]
 
     def tick(self) -> SensorResult:
-        context = build_sensor_context(instance=self.instance, definitions=defs,
-                                       resources={"pipeline": self.resource})
-        result = queued_jobs_sensor(context)
+        with build_sensor_context(instance=self.instance, definitions=defs,
+                                  resources={"pipeline": self.resource}) as context:
+            result = queued_jobs_sensor(context)
         assert isinstance(result, SensorResult)
         return result
 
     def complete(self) -> SensorResult:
-        context = build_sensor_context(instance=self.instance, definitions=defs,
-                                       resources={"pipeline": self.resource})
-        result = job_runs_sensor(context)
+        with build_sensor_context(instance=self.instance, definitions=defs,
+                                  resources={"pipeline": self.resource}) as context:
+            result = job_runs_sensor(context)
         assert isinstance(result, SensorResult)
         return result
+
+    def schedule_context(self) -> ScheduleEvaluationContext:
+        """A context for ollama_refresh_schedule; enter it (`with`). Given a persistent instance, a schedule
+        context opens its own DagsterInstance from the instance's ref on first use, and that instance makes
+        its defs-state storage Dagster's current one (a ContextVar) until the context is closed. Left open,
+        the GC closes it some time later - possibly in another test - and the ContextVar is then reset to
+        this test's long-disposed instance: "Attempted to resolve undefined DagsterInstance weakref"."""
+        return build_schedule_context(instance=self.instance, resources={"pipeline": self.resource},
+                                      scheduled_execution_time=datetime(2026, 1, 2, 3, 0))
 
     def execute(self, requests: list[RunRequest]) -> list[bool]:
         """Run the requested runs in process, as the daemon would launch them: same selection, config, tags."""
@@ -307,9 +317,12 @@ def test_jobs_of_a_queued_run_keep_their_lease_and_an_ended_run_without_outcomes
     assert [(lib.job(i).status, lib.job(i).error_code, lib.job(i).retryable) for i in ids] == [
         ("queued", "internal.run_failed", True)] * 2
 
-    deadline = datetime.now() + timedelta(seconds=5)
-    while not (again := lib.tick()).run_requests and datetime.now() < deadline:
-        pass
+    # Each job is requeued in its own transaction, so their backoffs end a few ms apart: a tick in between
+    # claims only the first one. End both backoffs, as for a tick that comes after them.
+    with lib.core.engine.begin() as conn:
+        conn.execute(update(OllamaJob).where(OllamaJob.id.in_(ids)).values(lease_until=None))
+    again = lib.tick()
+    assert [r.tags[JOB_IDS_TAG] for r in again.run_requests or []] == [",".join(map(str, ids))]
     second = DagsterRun(job_name="__ASSET_JOB", run_id="a1b2c3d4-0000-4000-8000-000000000002",
                         tags=dict((again.run_requests or [])[0].tags), status=DagsterRunStatus.STARTED)
     lib.instance.add_run(second)
@@ -333,9 +346,8 @@ def test_sensor_and_schedule_skip_when_ollama_is_down_and_claim_nothing(
     assert f"127.0.0.1:{port}" in message and "network.connect" in message and "s3cret" not in message
     assert {lib.job(i).status for i in ids} == {"queued"}
     assert not [e for e in lib.log_events() if e["event"] == "claimed"]
-    context = build_schedule_context(instance=lib.instance, resources={"pipeline": lib.resource},
-                                     scheduled_execution_time=datetime(2026, 1, 2, 3, 0))
-    skipped = ollama_refresh_schedule(context)
+    with lib.schedule_context() as context:
+        skipped = ollama_refresh_schedule(context)
     assert isinstance(skipped, SkipReason) and "network.connect" in (skipped.skip_message or "")
 
 
@@ -361,9 +373,8 @@ def test_refresh_schedule_reruns_stale_and_retryable_failed_items_only(
     lib.enqueue(TITLE, [m[3]])  # stale too, but its queued job will handle it
     emulator.reset_stats()
 
-    context = build_schedule_context(instance=lib.instance, resources={"pipeline": lib.resource},
-                                     scheduled_execution_time=datetime(2026, 1, 2, 3, 0))
-    requests = ollama_refresh_schedule(context)
+    with lib.schedule_context() as context:
+        requests = ollama_refresh_schedule(context)
 
     assert isinstance(requests, list) and len(requests) == 1
     request = requests[0]
@@ -377,7 +388,8 @@ def test_refresh_schedule_reruns_stale_and_retryable_failed_items_only(
     for item in m[:3]:
         assert (rows[item].status, rows[item].version, rows[item].model) == ("ok", version, "llama3.2:3b")
     assert rows[m[4]].status == "failed" and rows[m[4]].error_code == "invalid_response_format.not_json"
-    again = ollama_refresh_schedule(context)
+    with lib.schedule_context() as context:
+        again = ollama_refresh_schedule(context)
     assert isinstance(again, SkipReason) and "nothing to refresh" in (again.skip_message or "")
 
 
