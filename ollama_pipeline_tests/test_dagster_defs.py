@@ -364,3 +364,17 @@ def test_documented_postgres_instance_block_of_dagster_yaml_runs_the_stages(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_register_partitions_adds_new_keys_and_finds_positions_page_by_page(
+        instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New keys go after all others in the given order; positions of known keys are read in pages."""
+    from ollama_pipeline.defs import partitions
+
+    monkeypatch.setattr(partitions, "SCAN_PAGE", 2)
+    instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, ["1", "2", "3", "7"])
+    position = partitions.register_partitions(instance, ["3", "9", "1", "8"])
+    assert list(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == ["1", "2", "3", "7", "9", "8"]
+    assert position == {"1": 0, "3": 2, "9": 4, "8": 5}
+    assert contiguous_ranges(position, ["3", "9", "8", "1"]) == [("1", "1"), ("3", "3"), ("9", "8")]
+    assert partitions.register_partitions(instance, ["10", "11"]) == {"10": 0, "11": 1}  # all new: relative

@@ -149,6 +149,14 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss does not: a child started by a big parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -20,7 +20,13 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from ollama_pipeline.bench.harness import EmulatorProcess, bench_config, dagster_home, peak_rss_mb, write_config
+from ollama_pipeline.bench.harness import (
+    EmulatorProcess,
+    bench_config,
+    dagster_home,
+    peak_rss_mb,
+    write_config,
+)
 from ollama_pipeline.config import CONFIG_ENV, load_settings
 
 

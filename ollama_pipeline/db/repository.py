@@ -7,11 +7,10 @@ locked database is retried with backoff before it becomes `persistence.locked`.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update

@@ -56,8 +56,14 @@ from ollama_pipeline import jobs
 from ollama_pipeline.db import repository
 from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.assets import LIBRARY_OP, ordered_stages
-from ollama_pipeline.defs.launch import register_partitions
-from ollama_pipeline.defs.partitions import contiguous_ranges, media_key, range_tags
+from ollama_pipeline.defs.partitions import (
+    KeyOrder,
+    as_positions,
+    contiguous_ranges,
+    media_key,
+    range_tags,
+    register_partitions,
+)
 from ollama_pipeline.defs.resources import PipelineResource
 from ollama_pipeline.errors import OllamaPipelineError, ValidationError
 from ollama_pipeline.refresh import refresh_items
@@ -121,17 +127,18 @@ def stage_run_config(*, force: bool = False, model: str | None = None) -> dict[s
     return {"ops": {LIBRARY_OP: {"config": config}}}
 
 
-def plan_runs(claimed: Iterable[jobs.Job], ordered_keys: Sequence[str]) -> list[PlannedRun]:
+def plan_runs(claimed: Iterable[jobs.Job], ordered_keys: KeyOrder) -> list[PlannedRun]:
     """Group jobs by (type, force, model) and split each group into contiguous partition ranges, best first."""
     groups: dict[tuple[str, bool, str | None], dict[str, jobs.Job]] = defaultdict(dict)
     for job in claimed:
         options = job.options
         groups[(job.job_type, options.force, options.model)][media_key(job.media_id)] = job
-    position = {key: index for index, key in enumerate(ordered_keys)}
+    position = as_positions(ordered_keys)
     planned: list[PlannedRun] = []
     for (job_type, force, model), by_key in groups.items():
         for start, end in contiguous_ranges(ordered_keys, by_key):
-            keys = ordered_keys[position[start] : position[end] + 1]
+            keys = sorted((k for k in by_key if position[start] <= position[k] <= position[end]),
+                          key=position.__getitem__)
             planned.append(PlannedRun(job_type=job_type, start=start, end=end, force=force, model=model,
                                       claims=[by_key[key] for key in keys]))
     return sorted(planned, key=lambda run: run.rank)

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from ollama_pipeline.config import Settings
 from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA, all_assets, ordered_stages
-from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME, contiguous_ranges, media_key, range_tags
+from ollama_pipeline.defs.partitions import contiguous_ranges, media_key, range_tags, register_partitions
 from ollama_pipeline.defs.resources import PipelineResource
 from ollama_pipeline.errors import ValidationError
 
@@ -86,16 +86,6 @@ def _resource(settings: Settings | str | Path | None) -> PipelineResource:
     return PipelineResource(config_path=str(settings) if settings is not None else None)
 
 
-def register_partitions(instance: DagsterInstance, keys: Sequence[str]) -> list[str]:
-    """Add the keys the instance does not know yet; returns all keys in partition order."""
-    existing = list(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME))
-    known = set(existing)
-    missing = [key for key in dict.fromkeys(keys) if key not in known]
-    if missing:
-        instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, missing)
-    return existing + missing
-
-
 def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterable[int] | None,
                        stages: Sequence[str] | None, instance: DagsterInstance, *, force: bool = False,
                        concurrency: int | None = None, include_media: bool = True,
@@ -118,15 +108,14 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
     if not ids:
         return summary
     keys = [media_key(i) for i in ids]
-    ordered = register_partitions(instance, keys)
+    position = register_partitions(instance, keys)
     defs = Definitions(assets=all_assets, resources={"pipeline": resource}, executor=in_process_executor)
     job = defs.resolve_implicit_global_asset_job_def()
     selection = [AssetKey(name) for name in names]
     run_config = {"ops": {LIBRARY_OP: {"config": {"force": force, "concurrency": concurrency}}},
                   "loggers": {"console": {"config": {"log_level": log_level}}}}
     counts: dict[str, Counter[str]] = {name: Counter() for name in names}
-    position = {key: index for index, key in enumerate(ordered)}
-    for start, end in contiguous_ranges(ordered, keys):
+    for start, end in contiguous_ranges(position, keys):
         size = position[end] - position[start] + 1
         result = job.execute_in_process(instance=instance, asset_selection=selection, run_config=run_config,
                                         tags=range_tags(start, end), raise_on_error=False)

@@ -7,9 +7,9 @@ so a run over "these media items" materializes exactly them. This module must no
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from dagster import DynamicPartitionsDefinition
+from dagster import DagsterInstance, DynamicPartitionsDefinition
 
 MEDIA_PARTITIONS_NAME = "media"
 
@@ -30,23 +30,69 @@ def range_tags(start: str, end: str) -> dict[str, str]:
     return {RANGE_START_TAG: start, RANGE_END_TAG: end}
 
 
-def contiguous_ranges(ordered_keys: Sequence[str], wanted: Iterable[str]) -> list[tuple[str, str]]:
-    """The fewest (start, end) ranges of ordered_keys that cover exactly the wanted keys.
+KeyOrder = Sequence[str] | Mapping[str, int]  # all keys in partition order, or positions of some keys
+SCAN_PAGE = 10_000
 
-    Raises KeyError for a wanted key that is not in ordered_keys.
+
+def as_positions(ordered: KeyOrder) -> Mapping[str, int]:
+    return ordered if isinstance(ordered, Mapping) else {key: index for index, key in enumerate(ordered)}
+
+
+def contiguous_ranges(ordered_keys: KeyOrder, wanted: Iterable[str]) -> list[tuple[str, str]]:
+    """The fewest (start, end) ranges of the partition order that cover exactly the wanted keys.
+
+    ordered_keys: every key in partition order, or (what `register_partitions` returns) the positions of
+    at least the wanted keys. Raises KeyError for a wanted key that has no position.
     """
-    position = {key: index for index, key in enumerate(ordered_keys)}
-    indexes = sorted({position[key] for key in wanted})
+    position = as_positions(ordered_keys)
+    key_at = {position[key]: key for key in set(wanted)}
     ranges: list[tuple[str, str]] = []
     run_start = previous = None
-    for index in indexes:
+    for index in sorted(key_at):
         if run_start is None:
             run_start = previous = index
         elif index == previous + 1:
             previous = index
         else:
-            ranges.append((ordered_keys[run_start], ordered_keys[previous]))
+            ranges.append((key_at[run_start], key_at[previous]))
             run_start = previous = index
     if run_start is not None:
-        ranges.append((ordered_keys[run_start], ordered_keys[previous]))
+        ranges.append((key_at[run_start], key_at[previous]))
     return ranges
+
+
+def _scan_positions(instance: DagsterInstance, wanted: set[str]) -> tuple[dict[str, int], int]:
+    """Positions of the wanted keys among all media partitions, and how many there are, read page by
+    page so that memory does not grow with the number of partitions."""
+    found: dict[str, int] = {}
+    cursor: str | None = None
+    total = 0
+    while True:
+        page = instance.get_paginated_dynamic_partitions(MEDIA_PARTITIONS_NAME, limit=SCAN_PAGE, ascending=True,
+                                                         cursor=cursor)
+        for key in page.results:
+            if key in wanted:
+                found[key] = total
+            total += 1
+        if not page.has_more or not page.results:
+            return found, total
+        cursor = page.cursor
+
+
+def register_partitions(instance: DagsterInstance, keys: Sequence[str]) -> dict[str, int]:
+    """Add the keys the instance does not know yet (in the given order, after all others); returns the
+    position of every given key in partition order, for `contiguous_ranges` and range sizes.
+
+    Never loads every partition key: new keys are checked with a bounded query, and only when some keys
+    were registered before are positions read, page by page (100,000 partitions: 10 queries)."""
+    wanted = list(dict.fromkeys(keys))
+    existing = instance.get_existing_dynamic_partitions(MEDIA_PARTITIONS_NAME, wanted) if wanted else set()
+    missing = [key for key in wanted if key not in existing]
+    if existing:
+        positions, total = _scan_positions(instance, set(existing))
+    else:  # all new: they follow each other at the end, and only their relative order matters
+        positions, total = {}, 0
+    if missing:
+        instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, missing)
+        positions.update({key: total + offset for offset, key in enumerate(missing)})
+    return positions

@@ -4,7 +4,9 @@ Each tick reads the ids of `media` rows above the cursor (id only, ordered, at m
 ones to the `media` dynamic partitions and requests ONE run over them (a partition range, the way a
 single-run backfill is launched) that materializes `media` and every stage asset.
 
-The partitions are added by the tick itself with one bulk `instance.add_dynamic_partitions` call, not
+The partitions are added by the tick itself with one bulk `instance.add_dynamic_partitions` call (which keys
+exist already is one bounded query; the tick never loads all partition keys, see
+`partitions.register_partitions`), not
 returned as `SensorResult.dynamic_partitions_requests`: the daemon handles such a request with one
 `has_dynamic_partition` query per key, measured at 27 s for 10,000 keys on the SQLite instance, against
 0.1 s for the bulk call. The cursor is the highest id a run was requested for: when Ollama does not answer,
@@ -31,9 +33,11 @@ from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.assets import MEDIA, ollama_stage_assets
 from ollama_pipeline.defs.partitions import (
     MEDIA_PARTITIONS_NAME,
+    KeyOrder,
     contiguous_ranges,
     media_key,
     range_tags,
+    register_partitions,
 )
 from ollama_pipeline.defs.resources import PipelineResource
 
@@ -43,7 +47,7 @@ TICK_SECONDS = 60
 library_asset_keys: list[AssetKey] = [AssetKey(MEDIA), *(spec.key for spec in ollama_stage_assets)]
 
 
-def range_run_requests(ordered_keys: Sequence[str], new_keys: Sequence[str],
+def range_run_requests(ordered_keys: KeyOrder, new_keys: Sequence[str],
                        asset_keys: Sequence[AssetKey]) -> list[RunRequest]:
     """One run request per contiguous range of new_keys in partition order (normally exactly one)."""
     return [RunRequest(asset_selection=list(asset_keys), tags=range_tags(start, end),
@@ -68,16 +72,14 @@ def new_media_sensor(context: SensorEvaluationContext, pipeline: PipelineResourc
     if not ids:
         return SensorResult(skip_reason=SkipReason(f"no media rows with id above {after}"))
     keys = [media_key(i) for i in ids]
-    existing = context.instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)
-    known = set(existing)
-    added = [key for key in keys if key not in known]
-    if added:
-        context.instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, added)
+    already = context.instance.get_existing_dynamic_partitions(MEDIA_PARTITIONS_NAME, keys)
+    position = register_partitions(context.instance, keys)
+    added = [key for key in keys if key not in already]
     health = core.client.health()
     if not health.ok:
         return SensorResult(skip_reason=SkipReason(
             f"Ollama at {health.base_url} is not reachable: {health.error_code} ({len(added)} new media "
             f"partitions registered; the run over ids {ids[0]}..{ids[-1]} is requested once Ollama answers)"))
     context.log.info(f"{len(keys)} new media rows ({ids[0]}..{ids[-1]}), {len(added)} new partitions")
-    return SensorResult(run_requests=range_run_requests([*existing, *added], keys, library_asset_keys),
+    return SensorResult(run_requests=range_run_requests(position, keys, library_asset_keys),
                         cursor=str(ids[-1]))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from datetime import datetime
+from functools import cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -195,12 +195,12 @@ def render(template: str, **data: Any) -> str:
     return template.format(**{k: quote_data(v) for k, v in data.items()})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema_hash(model: type[BaseModel]) -> str:
     return sha256_json(_json_schema(model))[:12]
 
