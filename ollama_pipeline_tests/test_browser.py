@@ -187,11 +187,17 @@ def dagster_url(library: WebLibrary, tmp_path_factory: pytest.TempPathFactory) -
 
     home = tmp_path_factory.mktemp("dagster_home")
     shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    instance = DagsterInstance.from_config(str(home))
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)  # the shipped event storage keeps its files under $DAGSTER_HOME
     try:
+        instance = DagsterInstance.from_config(str(home))
         instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, [media_key(i) for i in library.demo_ids])
-    finally:
         instance.dispose()
+    finally:
+        if saved is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = saved
     config = home / "ollama_pipeline.yaml"
     s = library.settings
     config.write_text(yaml.safe_dump({
