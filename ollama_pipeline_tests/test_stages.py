@@ -255,3 +255,23 @@ def test_malformed_answers_fail_typed_and_change_nothing_stored(
     errors = [json.loads(line) for line in
               (pipeline.settings.logs_dir / "ollama_errors.jsonl").read_text().splitlines()]
     assert {e["code"] for e in errors} == {code}
+
+
+def test_a_duplicate_candidate_whose_file_is_gone_is_passed_over(
+        sqlite_url: str, settings_factory: Callable[..., Any], emulator: Any) -> None:
+    """The near-duplicate's file is deleted after indexing: its partner is run again with that file
+    missing: it is compared with the candidates that remain and succeeds, instead of failing on the file."""
+    pipeline, ids = _library(settings_factory(sqlite_url), 12)
+    list(run_stage(pipeline, "ollama_duplicate_assist", ids))
+    stored = meta(pipeline)
+    pairs = {i: [c["media_id"] for c in json.loads(stored[(i, "ollama.duplicate_assist")])["candidates"]]
+             for i in ids}
+    item, gone = next((i, cands[0]) for i, cands in pairs.items() if cands)
+    with pipeline.engine.connect() as conn:
+        path = conn.execute(select(Media.path).where(Media.id == gone)).scalar_one()
+    (pipeline.settings.media_root / path).unlink()
+    pipeline._cache.clear()
+    (outcome,) = list(run_stage(pipeline, "ollama_duplicate_assist", [item], force=True))
+    assert outcome.status in ("written", "unchanged"), outcome.error
+    value = json.loads(meta(pipeline)[(item, "ollama.duplicate_assist")])
+    assert gone not in [c["media_id"] for c in value["candidates"]]

@@ -13,11 +13,14 @@ dhash_distance}], "best": the most confident duplicate/variant or null, "checked
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ollama_pipeline.errors import OllamaPipelineError
+from ollama_pipeline.images import resolve_media_path
 from ollama_pipeline.stages.base import (
     DuplicateCandidate,
     ImageRef,
@@ -106,11 +109,25 @@ def _universe(pipeline: Any) -> _Universe:
     return cached[1]
 
 
+def _file_present(media_root: Path, path: str) -> bool:
+    try:
+        return resolve_media_path(media_root, path).is_file()
+    except OllamaPipelineError:
+        return False
+
+
 def enrich_duplicates(pipeline: Any, inputs: dict[int, StageInputs]) -> None:
+    """The closest candidates of each item; a candidate whose file is gone (deleted since it was indexed,
+    or outside the media root) cannot be compared and is passed over, so the item does not fail for it."""
     universe = _universe(pipeline)
     limit = pipeline.settings.pipeline.duplicate_candidates
+    root = pipeline.settings.media_root
     for media_id, item in inputs.items():
-        item.duplicate_candidates = universe.candidates(media_id, limit) if limit else []
+        if not limit:
+            item.duplicate_candidates = []
+            continue
+        found = universe.candidates(media_id, limit * 2)
+        item.duplicate_candidates = [c for c in found if _file_present(root, c.path)][:limit]
 
 
 def plan_duplicates(stage: Stage, inputs: StageInputs) -> list[ModelRequest]:
