@@ -132,6 +132,28 @@ def check_stored(stage: Stage, output: StageOutput) -> None:
                                   code="validation.stored_value") from None
 
 
+def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, output: StageOutput, *, model: str,
+                    fingerprint: str, metrics: CallMetrics, started: float, job_id: int | None,
+                    run_id: str | None) -> ItemOutcome:
+    """Check, persist and log one built output (from the model's answers, or refreshed from stored values)."""
+    media_id = inputs.media.id
+    check_stored(stage, output)
+    metrics.wall_ms = (time.perf_counter() - started) * 1000.0
+    result = StageResult(stage=stage.job_type, model=model, model_digest=pipeline.client.model_digest(model),
+                         version=stage.version, fingerprint=fingerprint, output=output, metrics=metrics,
+                         job_id=job_id, run_id=run_id, ran_at=datetime.now(UTC))
+    changes = pipeline.persist(media_id, result)
+    outcome = ItemOutcome(media_id=media_id, stage=stage.job_type,
+                          status="written" if set(changes["changed_keys"]) - {"ollama.last_run_at"} else "unchanged", model=model,
+                          fingerprint=fingerprint, metrics=metrics, changed_keys=changes["changed_keys"])
+    pipeline.logs.job_event("stage_succeeded", job_id=job_id, run_id=run_id, media_id=media_id,
+                            job_type=stage.job_type, model=model, version=stage.version,
+                            duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls,
+                            prompt_eval_count=metrics.prompt_eval_count, eval_count=metrics.eval_count,
+                            repairs=metrics.repairs, changed_keys=changes["changed_keys"])
+    return outcome
+
+
 def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None = None,
              force: bool = False, model: str | None = None, job_id: int | None = None,
              run_id: str | None = None) -> ItemOutcome:
@@ -159,8 +181,12 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                           "images": [image_bytes[i.media_id][0] for i in r.images]} for r in requests],
         })
         if not force and state and state.get("status") == "ok" and state.get("fingerprint") == fingerprint:
-            return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", model=model,
-                               fingerprint=fingerprint)
+            refreshed = stage.refresh(stage, inputs) if stage.refresh is not None else None
+            if refreshed is None:
+                return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", model=model,
+                                   fingerprint=fingerprint)
+            return _persist_output(pipeline, stage, inputs, refreshed, model=model, fingerprint=fingerprint,
+                                   metrics=metrics, started=started, job_id=job_id, run_id=run_id)
         prepared: dict[int, str] = {}
         answers: dict[str, BaseModel] = {}
         cfg = pipeline.settings
@@ -174,21 +200,8 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                 b64.append(prepared[ref.media_id])
             answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics)
         output = stage.combine(stage, inputs, answers)
-        check_stored(stage, output)
-        metrics.wall_ms = (time.perf_counter() - started) * 1000.0
-        result = StageResult(stage=stage.job_type, model=model, model_digest=pipeline.client.model_digest(model),
-                             version=stage.version, fingerprint=fingerprint, output=output, metrics=metrics,
-                             job_id=job_id, run_id=run_id, ran_at=datetime.now(UTC))
-        changes = pipeline.persist(media_id, result)
-        outcome = ItemOutcome(media_id=media_id, stage=stage.job_type,
-                              status="written" if set(changes["changed_keys"]) - {"ollama.last_run_at"} else "unchanged", model=model,
-                              fingerprint=fingerprint, metrics=metrics, changed_keys=changes["changed_keys"])
-        pipeline.logs.job_event("stage_succeeded", job_id=job_id, run_id=run_id, media_id=media_id,
-                                job_type=stage.job_type, model=model, version=stage.version,
-                                duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls,
-                                prompt_eval_count=metrics.prompt_eval_count, eval_count=metrics.eval_count,
-                                repairs=metrics.repairs, changed_keys=changes["changed_keys"])
-        return outcome
+        return _persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
+                               metrics=metrics, started=started, job_id=job_id, run_id=run_id)
     except OllamaPipelineError as exc:
         error = exc
     except Exception as exc:  # an unexpected bug still fails only this item, with its type logged

@@ -275,3 +275,34 @@ def test_a_duplicate_candidate_whose_file_is_gone_is_passed_over(
     assert outcome.status in ("written", "unchanged"), outcome.error
     value = json.loads(meta(pipeline)[(item, "ollama.duplicate_assist")])
     assert gone not in [c["media_id"] for c in value["candidates"]]
+
+
+def test_a_vocabulary_change_renormalizes_stored_tags_without_a_model_call(
+        db_url: str, settings_factory: Callable[..., Any], emulator: Any) -> None:
+    """A person tags another item with a name the model suggested for this one: the next (unforced) run
+    rewrites this item's normalized tags onto the vocabulary from its stored raw tags, without a model call
+    for it; the run after that changes nothing."""
+    pipeline, ids = _library(settings_factory(db_url), 6)
+    stage = "ollama_tags_normalize"
+    list(run_stage(pipeline, stage, ids))
+    stored = meta(pipeline)
+    item, name = next((i, t["name"]) for i in ids
+                      for t in json.loads(stored[(i, "ollama.tags_normalized")])["tags"] if not t["in_vocabulary"])
+    other = next(i for i in ids if i != item)
+    with pipeline.engine.begin() as conn:
+        tag_id = conn.execute(select(Tag.id).where(Tag.name == name)).scalar()
+        if tag_id is None:
+            tag_id = conn.execute(Tag.__table__.insert().values(name=name)).inserted_primary_key[0]
+        conn.execute(MediaTag.__table__.delete().where(MediaTag.media_id == other, MediaTag.tag_id == tag_id))
+        conn.execute(MediaTag.__table__.insert().values(media_id=other, tag_id=tag_id, source="human", locked=False))
+    pipeline._cache.clear()  # the vocabulary is reused for 30 s within a process
+    emulator.reset_stats()
+    outcomes = {o.media_id: o for o in run_stage(pipeline, stage, ids)}
+    # One call: `other`, whose own tags are part of its prompt; `item` is rewritten without one.
+    assert emulator.stats()["model_calls"] == 1
+    assert outcomes[item].status == "written" and outcomes[item].metrics.calls == 0
+    entry = next(t for t in json.loads(meta(pipeline)[(item, "ollama.tags_normalized")])["tags"] if t["name"] == name)
+    assert entry["in_vocabulary"] is True
+    before = meta(pipeline)
+    assert {o.status for o in run_stage(pipeline, stage, ids)} == {"skipped"}
+    assert meta(pipeline) == before and emulator.stats()["model_calls"] == 1

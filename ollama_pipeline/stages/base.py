@@ -228,6 +228,10 @@ class Stage:
     # Settings that change the stored value without changing the request (e.g. max_tags) go into the
     # fingerprint through this, so changing them re-runs the stage.
     fingerprint_extra: Callable[[StageInputs], Any] | None = None
+    # An input the model does not see can change a stored value (the tag vocabulary maps raw tags onto
+    # library spellings): when the fingerprint is unchanged, `refresh` rebuilds the output from what is
+    # stored, without a model call; it returns None when nothing would change (then nothing is written).
+    refresh: Callable[[Stage, StageInputs], StageOutput | None] | None = None
     # Gallery tables read that are not produced by a stage (shown as external assets upstream in Dagster).
     external_inputs: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)

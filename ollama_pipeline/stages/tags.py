@@ -174,7 +174,25 @@ def plan_tags(stage: Stage, inputs: StageInputs) -> list:
 def combine_tags(stage: Stage, inputs: StageInputs, answers: dict[str, BaseModel]) -> StageOutput:
     answer = answers["main"]
     assert isinstance(answer, TagsAnswer)
-    raw = [(t.name.strip(), t.confidence) for t in answer.tags]
+    return _tags_output([(t.name.strip(), t.confidence) for t in answer.tags], inputs)
+
+
+def refresh_tags(stage: Stage, inputs: StageInputs) -> StageOutput | None:
+    """The stored raw tags normalized again onto today's vocabulary, when that changes the result (a
+    person added or removed a tag elsewhere); None when it does not. No model call either way."""
+    raw_value = inputs.meta.get("ollama.tags_raw")
+    stored = inputs.meta.get("ollama.tags_normalized")
+    if not isinstance(raw_value, dict) or not isinstance(stored, dict):
+        return None
+    try:
+        raw = [(str(t["name"]), float(t["confidence"])) for t in raw_value.get("tags", [])]
+    except (KeyError, TypeError, ValueError):
+        return None
+    output = _tags_output(raw, inputs)
+    return None if output.meta["ollama.tags_normalized"] == stored else output
+
+
+def _tags_output(raw: list[tuple[str, float]], inputs: StageInputs) -> StageOutput:
     normalized = normalize_tags(raw, set(inputs.vocabulary), inputs.max_tags)
     return StageOutput(
         meta={
@@ -203,6 +221,7 @@ TAGS = Stage(
     plan=plan_tags,
     combine=combine_tags,
     enrich=enrich_tags,
+    refresh=refresh_tags,
     fingerprint_extra=lambda inputs: {"max_tags": inputs.max_tags},
     group="ollama_describe",
 )
