@@ -198,6 +198,13 @@ class QueueCounts(BaseModel):
     by_type: dict[str, dict[str, int]]
 
 
+def tally_outcome(summary: BaseModel, outcome: JobOutcome) -> None:
+    """Count one finished job on a summary with `succeeded`, `retried`, `failed` and `lease_lost` counters."""
+    field = ("lease_lost" if outcome.lease_lost else "succeeded" if outcome.status == "done"
+             else "retried" if outcome.status == "queued" else "failed")
+    setattr(summary, field, getattr(summary, field) + 1)
+
+
 class ProcessSummary(BaseModel):
     """What one `process_jobs` call did."""
 
@@ -767,14 +774,7 @@ def process_jobs(pipeline: Pipeline, worker: str | None = None, *, limit: int | 
                     keeper.untrack(job)
                     continue
                 summary.processed += 1
-                if outcome.lease_lost:
-                    summary.lease_lost += 1
-                elif outcome.status == "done":
-                    summary.succeeded += 1
-                elif outcome.status == "queued":
-                    summary.retried += 1
-                else:
-                    summary.failed += 1
+                tally_outcome(summary, outcome)
                 if progress is not None:
                     progress(outcome, summary.processed, max(total, summary.processed + len(inflight)))
     summary.seconds = round(time.perf_counter() - started, 3)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dagster import DagsterInstance, instance_for_test
 from sqlalchemy import Engine, create_engine, text
 
 from ollama_pipeline.config import Settings, settings_from_dict
@@ -143,3 +144,32 @@ def engine_for() -> Iterator[Callable[[str], Engine]]:
     yield factory
     for engine in made:
         engine.dispose()
+
+
+# ---- Dagster -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
+    """A real SQLite Dagster instance in a temporary DAGSTER_HOME, with the event log storage the project
+    ships in dagster.yaml (batched writes)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    storage = {"module": "ollama_pipeline.defs.event_storage", "class": "BatchedSqliteEventLogStorage",
+               "config": {"base_dir": str(home / "history" / "runs")}}
+    with instance_for_test(temp_dir=str(home), overrides={"event_log_storage": storage}) as inst:
+        assert type(inst.event_log_storage).__name__ == "BatchedSqliteEventLogStorage"
+        yield inst
+
+
+@pytest.fixture
+def library(sqlite_url: str, settings_factory: Callable[..., Settings]) -> tuple[Settings, Engine, list[int]]:
+    """Six small demo images with their gallery rows (SQLite). Test files with a library of their own
+    define a `library` fixture that replaces this one."""
+    from ollama_pipeline.demo_library import add_media_rows
+
+    settings = settings_factory(sqlite_url)
+    engine = make_engine(settings.database.url)
+    init_db(engine)
+    report = add_media_rows(engine, settings.media_root, 6)
+    return settings, engine, sorted(report.media_ids)

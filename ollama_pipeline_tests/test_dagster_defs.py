@@ -26,7 +26,6 @@ from dagster import (
     build_sensor_context,
     define_asset_job,
     in_process_executor,
-    instance_for_test,
 )
 from sqlalchemy import Engine, insert, select
 
@@ -44,31 +43,6 @@ from ollama_pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "ollama_caption"
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A real SQLite Dagster instance in a temporary DAGSTER_HOME, with the event log storage the project
-    ships in dagster.yaml (batched writes)."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    storage = {"module": "ollama_pipeline.defs.event_storage", "class": "BatchedSqliteEventLogStorage",
-               "config": {"base_dir": str(home / "history" / "runs")}}
-    with instance_for_test(temp_dir=str(home), overrides={"event_log_storage": storage}) as inst:
-        assert type(inst.event_log_storage).__name__ == "BatchedSqliteEventLogStorage"
-        yield inst
-
-
-@pytest.fixture
-def library(sqlite_url: str, settings_factory: Callable[..., Settings]) -> tuple[Settings, Engine, list[int]]:
-    """Six small demo images with their gallery rows."""
-    from ollama_pipeline.demo_library import add_media_rows
-
-    settings = settings_factory(sqlite_url)
-    engine = make_engine(settings.database.url)
-    init_db(engine)
-    report = add_media_rows(engine, settings.media_root, 6)
-    return settings, engine, sorted(report.media_ids)
 
 
 def _media_path(engine: Engine, media_id: int) -> str:
@@ -373,8 +347,8 @@ def test_register_partitions_adds_new_keys_and_finds_positions_page_by_page(
 
     monkeypatch.setattr(partitions, "SCAN_PAGE", 2)
     instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, ["1", "2", "3", "7"])
-    position = partitions.register_partitions(instance, ["3", "9", "1", "8"])
+    position, added = partitions.register_partitions(instance, ["3", "9", "1", "8"])
     assert list(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == ["1", "2", "3", "7", "9", "8"]
-    assert position == {"1": 0, "3": 2, "9": 4, "8": 5}
+    assert position == {"1": 0, "3": 2, "9": 4, "8": 5} and added == ["9", "8"]
     assert contiguous_ranges(position, ["3", "9", "8", "1"]) == [("1", "1"), ("3", "3"), ("9", "8")]
-    assert partitions.register_partitions(instance, ["10", "11"]) == {"10": 0, "11": 1}  # all new: relative
+    assert partitions.register_partitions(instance, ["10", "11"]).positions == {"10": 0, "11": 1}  # relative

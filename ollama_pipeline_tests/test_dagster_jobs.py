@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from dagster import (
     build_schedule_context,
     build_sensor_context,
     in_process_executor,
-    instance_for_test,
 )
 from PIL import Image
 from sqlalchemy import insert, select, update
@@ -61,15 +60,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ollama_pipeline"
 README = PACKAGE.parent / "README.md"
 CAPTION, TITLE = "ollama_caption", "ollama_title"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A real (SQLite) Dagster instance in a temporary DAGSTER_HOME."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with instance_for_test(temp_dir=str(home)) as inst:
-        yield inst
 
 
 class Library:

@@ -8,7 +8,6 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,10 @@ from dagster import (
     Definitions,
     ExecuteInProcessResult,
     in_process_executor,
-    instance_for_test,
 )
 from sqlalchemy import Engine, insert, select, update
 
 from ollama_pipeline.config import Settings
-from ollama_pipeline.db.engine import init_db, make_engine
 from ollama_pipeline.db.models import Media, MediaMeta, OllamaStageResult, Prompt
 from ollama_pipeline.definitions import defs
 from ollama_pipeline.defs.assets import all_assets, index_media
@@ -44,27 +41,6 @@ EXPORT, REPORT = "ollama_export", "ollama_report"
 RECORD_KEYS = {"schema", "media_id", "path", "hash", "type", "width", "height", "quality_status", "quality_score",
                "ollama", "stages"}
 FAULT_MARKER = "[[fault:http_500]]"
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A real (SQLite) Dagster instance in a temporary DAGSTER_HOME."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with instance_for_test(temp_dir=str(home)) as inst:
-        yield inst
-
-
-@pytest.fixture
-def library(sqlite_url: str, settings_factory: Callable[..., Settings]) -> tuple[Settings, Engine, list[int]]:
-    """Six small demo images with their gallery rows."""
-    from ollama_pipeline.demo_library import add_media_rows
-
-    settings = settings_factory(sqlite_url)
-    engine = make_engine(settings.database.url)
-    init_db(engine)
-    report = add_media_rows(engine, settings.media_root, 6)
-    return settings, engine, sorted(report.media_ids)
 
 
 def materialize_downstream(settings: Settings, instance: DagsterInstance,

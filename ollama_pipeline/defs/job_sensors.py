@@ -195,7 +195,7 @@ def queued_jobs_tick(instance: DagsterInstance, core: Pipeline, *, max_jobs: int
     if not claimed:
         return SensorResult(skip_reason=SkipReason("no queued jobs are due"))
     try:
-        ordered = register_partitions(instance, [media_key(job.media_id) for job in claimed])
+        ordered = register_partitions(instance, [media_key(job.media_id) for job in claimed]).positions
         planned = plan_runs(claimed, ordered)
     except Exception:  # nothing was launched: give the claims back instead of waiting for their lease
         jobs.assign_claims(core, tick_worker, {}, lease_seconds=0, release=[job.id for job in claimed])
@@ -333,14 +333,7 @@ def complete_job_runs(instance: DagsterInstance, core: Pipeline) -> CompletionSu
         else:
             summary.finished_runs += len(runs)
             for outcome in complete_batch(instance, core, batch_jobs, runs):
-                if outcome.lease_lost:
-                    summary.lease_lost += 1
-                elif outcome.status == "done":
-                    summary.succeeded += 1
-                elif outcome.status == "queued":
-                    summary.retried += 1
-                else:
-                    summary.failed += 1
+                jobs.tally_outcome(summary, outcome)
     return summary
 
 
@@ -375,7 +368,7 @@ def refresh_tick(instance: DagsterInstance, core: Pipeline, *, tick: datetime | 
     found = [items for items in found if items.media_ids]
     if not found:
         return SkipReason("nothing to refresh: no result of an older stage version or model, no retryable failure")
-    ordered = register_partitions(instance, [media_key(i) for items in found for i in items.media_ids])
+    ordered = register_partitions(instance, [media_key(i) for items in found for i in items.media_ids]).positions
     stamp = (tick or datetime.now()).strftime("%Y%m%dT%H%M")
     requests: list[RunRequest] = []
     for items in found:

@@ -108,7 +108,7 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
     if not ids:
         return summary
     keys = [media_key(i) for i in ids]
-    position = register_partitions(instance, keys)
+    position = register_partitions(instance, keys).positions
     defs = Definitions(assets=all_assets, resources={"pipeline": resource}, executor=in_process_executor)
     job = defs.resolve_implicit_global_asset_job_def()
     selection = [AssetKey(name) for name in names]

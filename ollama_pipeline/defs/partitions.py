@@ -8,6 +8,7 @@ so a run over "these media items" materializes exactly them. This module must no
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 from dagster import DagsterInstance, DynamicPartitionsDefinition
 
@@ -79,9 +80,17 @@ def _scan_positions(instance: DagsterInstance, wanted: set[str]) -> tuple[dict[s
         cursor = page.cursor
 
 
-def register_partitions(instance: DagsterInstance, keys: Sequence[str]) -> dict[str, int]:
+class Registered(NamedTuple):
+    """What `register_partitions` did: the position of every given key, and the keys it added."""
+
+    positions: dict[str, int]
+    added: list[str]
+
+
+def register_partitions(instance: DagsterInstance, keys: Sequence[str]) -> Registered:
     """Add the keys the instance does not know yet (in the given order, after all others); returns the
-    position of every given key in partition order, for `contiguous_ranges` and range sizes.
+    position of every given key in partition order (for `contiguous_ranges` and range sizes) and the keys
+    that were added.
 
     Never loads every partition key: new keys are checked with a bounded query, and only when some keys
     were registered before are positions read, page by page (100,000 partitions: 10 queries)."""
@@ -95,4 +104,4 @@ def register_partitions(instance: DagsterInstance, keys: Sequence[str]) -> dict[
     if missing:
         instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, missing)
         positions.update({key: total + offset for offset, key in enumerate(missing)})
-    return positions
+    return Registered(positions, missing)

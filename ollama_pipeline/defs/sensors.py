@@ -32,7 +32,6 @@ from sqlalchemy import select
 from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.assets import MEDIA, ollama_stage_assets
 from ollama_pipeline.defs.partitions import (
-    MEDIA_PARTITIONS_NAME,
     KeyOrder,
     contiguous_ranges,
     media_key,
@@ -72,9 +71,7 @@ def new_media_sensor(context: SensorEvaluationContext, pipeline: PipelineResourc
     if not ids:
         return SensorResult(skip_reason=SkipReason(f"no media rows with id above {after}"))
     keys = [media_key(i) for i in ids]
-    already = context.instance.get_existing_dynamic_partitions(MEDIA_PARTITIONS_NAME, keys)
-    position = register_partitions(context.instance, keys)
-    added = [key for key in keys if key not in already]
+    position, added = register_partitions(context.instance, keys)
     health = core.client.health()
     if not health.ok:
         return SensorResult(skip_reason=SkipReason(
