@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from ollama_pipeline.bench.harness import EmulatorProcess, Stopwatch, dagster_home
+from ollama_pipeline.bench.harness import EmulatorProcess, Stopwatch, dagster_home, peak_rss_mb
 from ollama_pipeline.config import CONFIG_ENV, Settings
 from ollama_pipeline.db.models import Media
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA
@@ -190,8 +190,6 @@ def _run_scenario(settings: Settings, config_path: Path, emulator: EmulatorProce
     raw_cpu_per_call = raw_cpu / max(1, model_calls)
     per_item_s = sum(per_item) / len(per_item)
     per_item_cli_s = sum(cli_times) / len(cli_times) if cli_times else 0.0
-    from ollama_pipeline.bench.harness import peak_rss_mb
-
     return ScenarioResult(
         items=len(ids), stages=names, instance=instance_kind, latency_ms=latency_ms, parallel=parallel,
         concurrency=concurrency, model_calls=model_calls, ideal_s=round(ideal, 3), wall_s=round(main.wall, 3),
