@@ -36,6 +36,18 @@ ASSETS = "{ assetNodes { assetKey { path } } }"
 pytestmark = pytest.mark.skipif(not PROC.is_dir(), reason="reads /proc to find leftover processes")
 
 
+@pytest.fixture(autouse=True)
+def _sigint_at_default() -> Iterator[None]:
+    """pytest started in the background by a non-interactive shell inherits SIGINT ignored, which
+    start_child refuses (its children would inherit it); `ollama-pipeline ui` installs its handlers first."""
+    saved = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
