@@ -15,7 +15,7 @@ __all__ = ["enqueue_ollama", "process_ollama_job", "persist_ollama_result", "__v
 
 def __getattr__(name: str) -> Any:  # imported lazily: importing the package must stay cheap
     if name in ("enqueue_ollama", "process_ollama_job", "persist_ollama_result"):
-        from ollama_pipeline import api
+        from ollama_pipeline.core import api
 
         return getattr(api, name)
     raise AttributeError(name)

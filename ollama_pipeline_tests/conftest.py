@@ -13,9 +13,9 @@ import pytest
 from dagster import DagsterInstance, instance_for_test
 from sqlalchemy import Engine, create_engine, text
 
-from ollama_pipeline.config import Settings, settings_from_dict
-from ollama_pipeline.db.engine import init_db, make_engine
-from ollama_pipeline.db.models import Base
+from ollama_pipeline.core.config import Settings, settings_from_dict
+from ollama_pipeline.core.db.engine import init_db, make_engine
+from ollama_pipeline.core.db.models import Base
 
 PG_ADMIN_URL = os.environ.get("OLLAMA_PIPELINE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -41,7 +41,7 @@ def pg_database() -> Iterator[str]:
     try:
         yield url
     finally:
-        from ollama_pipeline.db import engine as engine_mod
+        from ollama_pipeline.core.db import engine as engine_mod
 
         for key in [k for k in engine_mod._engines if k == url]:
             engine_mod._engines.pop(key).dispose()
@@ -166,7 +166,7 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
 def library(sqlite_url: str, settings_factory: Callable[..., Settings]) -> tuple[Settings, Engine, list[int]]:
     """Six small demo images with their gallery rows (SQLite). Test files with a library of their own
     define a `library` fixture that replaces this one."""
-    from ollama_pipeline.demo_library import add_media_rows
+    from ollama_pipeline.app.demo_library import add_media_rows
 
     settings = settings_factory(sqlite_url)
     engine = make_engine(settings.database.url)

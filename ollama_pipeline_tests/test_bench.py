@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
+from ollama_pipeline.app.demo_library import add_media_rows
 from ollama_pipeline.bench import add_arguments, render_table, run_bench, save
 from ollama_pipeline.bench.harness import EmulatorProcess
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db.engine import init_db, make_engine
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.engine import init_db, make_engine
+from ollama_pipeline.core.runner import Pipeline, run_stage
 from ollama_pipeline.defs.assets import ordered_stages
-from ollama_pipeline.demo_library import add_media_rows
-from ollama_pipeline.runner import Pipeline, run_stage
 
 REQUIRED = {"items", "stages", "model_calls", "ideal_s", "wall_s", "ratio_to_ideal", "per_item_run_speedup",
             "orchestration_cpu_ms_per_item_stage", "peak_rss_mb", "rerun_model_calls", "dagster_version",

@@ -28,8 +28,8 @@ import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from ollama_pipeline.stages import STAGES, all_meta_keys
-from ollama_pipeline.web.app import create_app
+from ollama_pipeline.app.web.app import create_app
+from ollama_pipeline.core.stages import STAGES, all_meta_keys
 from ollama_pipeline_tests.test_web import (
     RERUN_STAGE,
     SCRIPT_CAPTION,

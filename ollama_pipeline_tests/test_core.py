@@ -10,20 +10,20 @@ import pytest
 from PIL import Image
 from sqlalchemy import select, update
 
-from ollama_pipeline.client import OllamaClient, OllamaOptions
-from ollama_pipeline.config import load_settings
-from ollama_pipeline.db.engine import init_db, make_engine
-from ollama_pipeline.db.models import Media, MediaMeta, OllamaStageResult
-from ollama_pipeline.demo_library import build_demo_library
-from ollama_pipeline.errors import (
+from ollama_pipeline.app.demo_library import build_demo_library
+from ollama_pipeline.core.client import OllamaClient, OllamaOptions
+from ollama_pipeline.core.config import load_settings
+from ollama_pipeline.core.db.engine import init_db, make_engine
+from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
+from ollama_pipeline.core.errors import (
     ConfigError,
     InvalidResponseFormatError,
     NetworkError,
     PersistenceError,
     ValidationError,
 )
-from ollama_pipeline.images import prepare_image
-from ollama_pipeline.runner import Pipeline, run_stage
+from ollama_pipeline.core.images import prepare_image
+from ollama_pipeline.core.runner import Pipeline, run_stage
 from ollama_pipeline_tests.conftest import make_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "ollama_pipeline.example.yaml"
@@ -210,7 +210,7 @@ def test_locked_sqlite_database_is_a_persistence_error(tmp_path: Path, settings_
 
 def test_constraint_violation_is_a_persistence_error(db_url: str) -> None:
     """A duplicate media_meta key refused by the database maps to persistence.constraint."""
-    from ollama_pipeline.db.repository import with_retry
+    from ollama_pipeline.core.db.repository import with_retry
 
     engine = make_engine(db_url)
     init_db(engine)

@@ -29,9 +29,10 @@ from dagster import (
 )
 from sqlalchemy import Engine, insert, select
 
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db.engine import init_db, make_engine
-from ollama_pipeline.db.models import Media, MediaMeta, OllamaMediaIndex, OllamaStageResult
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.engine import init_db, make_engine
+from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaMediaIndex, OllamaStageResult
+from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.definitions import defs
 from ollama_pipeline.defs.assets import MEDIA, all_assets
 from ollama_pipeline.defs.checks import degenerate_check_name, schema_check_name
@@ -39,7 +40,6 @@ from ollama_pipeline.defs.launch import materialize_stages
 from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME, contiguous_ranges
 from ollama_pipeline.defs.resources import PipelineResource
 from ollama_pipeline.defs.sensors import new_media_sensor
-from ollama_pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "ollama_caption"

@@ -32,10 +32,13 @@ from dagster import (
 from PIL import Image
 from sqlalchemy import insert, select, update
 
-from ollama_pipeline import jobs
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db.engine import init_db
-from ollama_pipeline.db.models import Media, MediaMeta, OllamaJob, OllamaStageResult, Prompt
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.engine import init_db
+from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaJob, OllamaStageResult, Prompt
+from ollama_pipeline.core.errors import ERROR_CODES
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.runner import Pipeline
+from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.definitions import defs
 from ollama_pipeline.defs.assets import all_assets
 from ollama_pipeline.defs.job_sensors import (
@@ -52,9 +55,6 @@ from ollama_pipeline.defs.job_sensors import (
 from ollama_pipeline.defs.launch import materialize_stages
 from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME, RANGE_END_TAG, RANGE_START_TAG
 from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.errors import ERROR_CODES
-from ollama_pipeline.runner import Pipeline
-from ollama_pipeline.stages import STAGES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ollama_pipeline"
 README = PACKAGE.parent / "README.md"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ollama_pipeline.stages import STAGES
+from ollama_pipeline.core.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -13,9 +13,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import Engine, func, select
 
-from ollama_pipeline.db.engine import make_engine
-from ollama_pipeline.db.models import Base, Media, MediaMeta, MediaTag, Prompt, ScanResult, Tag
-from ollama_pipeline.demo_library import (
+from ollama_pipeline.app.demo_library import (
     INJECTION_INDEX,
     INJECTION_TEXT,
     DemoLibraryReport,
@@ -24,6 +22,8 @@ from ollama_pipeline.demo_library import (
     canonical_json,
     plan_demo_items,
 )
+from ollama_pipeline.core.db.engine import make_engine
+from ollama_pipeline.core.db.models import Base, Media, MediaMeta, MediaTag, Prompt, ScanResult, Tag
 
 LIBRARY_SIZE = 30
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ollama_pipeline.cli import main
-from ollama_pipeline.docs import BLOCKS
+from ollama_pipeline.app.cli import main
+from ollama_pipeline.app.docs import BLOCKS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

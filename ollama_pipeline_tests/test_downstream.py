@@ -23,18 +23,18 @@ from dagster import (
 )
 from sqlalchemy import Engine, insert, select, update
 
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db.models import Media, MediaMeta, OllamaStageResult, Prompt
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult, Prompt
+from ollama_pipeline.core.export import EXPORT_SCHEMA, default_export_path
+from ollama_pipeline.core.export_schema import ExportRecord, render
+from ollama_pipeline.core.report import LibraryReport, build_report, default_report_dir
+from ollama_pipeline.core.runner import run_stage
+from ollama_pipeline.core.stages import STAGES, all_meta_keys
 from ollama_pipeline.definitions import defs
 from ollama_pipeline.defs.assets import all_assets, index_media
 from ollama_pipeline.defs.downstream import DOWNSTREAM_GROUP, downstream_assets
 from ollama_pipeline.defs.launch import materialize_stages
 from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.export import EXPORT_SCHEMA, default_export_path
-from ollama_pipeline.export_schema import ExportRecord, render
-from ollama_pipeline.report import LibraryReport, build_report, default_report_dir
-from ollama_pipeline.runner import run_stage
-from ollama_pipeline.stages import STAGES, all_meta_keys
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT, REPORT = "ollama_export", "ollama_report"
@@ -214,4 +214,4 @@ def test_export_schema_file_is_current() -> None:
     assert ExportRecord.model_fields["schema_"].annotation.__args__ == (EXPORT_SCHEMA,)
     path = REPO / "docs" / "export_schema.json"
     assert path.read_text(encoding="utf-8") == render(), \
-        "run: python -m ollama_pipeline.export_schema --write docs/export_schema.json"
+        "run: python -m ollama_pipeline.core.export_schema --write docs/export_schema.json"

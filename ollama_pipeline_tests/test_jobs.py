@@ -21,12 +21,13 @@ import yaml
 from PIL import Image
 from sqlalchemy import Engine, func, insert, select, update
 
-from ollama_pipeline import api, jobs
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db.engine import init_db
-from ollama_pipeline.db.models import Media, MediaMeta, OllamaJob, Prompt
-from ollama_pipeline.errors import PersistenceError, QueueLimitError, ValidationError
-from ollama_pipeline.runner import Pipeline
+from ollama_pipeline.core import api
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.engine import init_db
+from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaJob, Prompt
+from ollama_pipeline.core.errors import PersistenceError, QueueLimitError, ValidationError
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline_tests.conftest import make_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from ollama_pipeline import jobs
-from ollama_pipeline.config import load_settings
-from ollama_pipeline.runner import Pipeline
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.config import load_settings
+from ollama_pipeline.core.runner import Pipeline
 
 config, go, action, arg = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 pipeline = Pipeline.from_settings(load_settings(config))
@@ -347,7 +348,7 @@ def test_locked_sqlite_database_becomes_persistence_locked_and_keeps_earlier_row
 
 
 def _cli(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
-    from ollama_pipeline.cli import main
+    from ollama_pipeline.app.cli import main
 
     code = main(["--config", str(config), *argv])
     out, err = capsys.readouterr()

@@ -11,15 +11,23 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from ollama_pipeline.client import OllamaClient, OllamaOptions
-from ollama_pipeline.db.engine import init_db
-from ollama_pipeline.db.models import AuditLog, Media, MediaLifecycleEvent, MediaMeta, MediaTag, Prompt, Tag
+from ollama_pipeline.app.demo_library import INJECTION_INDEX, INJECTION_TEXT, build_demo_library
+from ollama_pipeline.core.client import OllamaClient, OllamaOptions
+from ollama_pipeline.core.db.engine import init_db
+from ollama_pipeline.core.db.models import (
+    AuditLog,
+    Media,
+    MediaLifecycleEvent,
+    MediaMeta,
+    MediaTag,
+    Prompt,
+    Tag,
+)
+from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.stages import STAGES, all_meta_keys
+from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
+from ollama_pipeline.core.stages.tags import canonical_name, normalize_tags
 from ollama_pipeline.defs.assets import index_media
-from ollama_pipeline.demo_library import INJECTION_INDEX, INJECTION_TEXT, build_demo_library
-from ollama_pipeline.runner import Pipeline, run_stage
-from ollama_pipeline.stages import STAGES, all_meta_keys
-from ollama_pipeline.stages.stored import STORED_SCHEMAS
-from ollama_pipeline.stages.tags import canonical_name, normalize_tags
 
 Library = tuple[Pipeline, list[int]]
 

@@ -21,14 +21,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from ollama_pipeline.config import load_settings
-from ollama_pipeline.db.engine import init_db
-from ollama_pipeline.db.models import MediaMeta
-from ollama_pipeline.demo import BASE_URL_ENV, DEMO_DIR, _demo_config
-from ollama_pipeline.demo_library import build_demo_library
-from ollama_pipeline.jsontext import loads_or_none
-from ollama_pipeline.runner import Pipeline, run_stage
-from ollama_pipeline.supervise import StartError, remaining, start_child, stop_all, wait_ready
+from ollama_pipeline.app.demo import BASE_URL_ENV, DEMO_DIR, _demo_config
+from ollama_pipeline.app.demo_library import build_demo_library
+from ollama_pipeline.app.supervise import StartError, remaining, start_child, stop_all, wait_ready
+from ollama_pipeline.core.config import load_settings
+from ollama_pipeline.core.db.engine import init_db
+from ollama_pipeline.core.db.models import MediaMeta
+from ollama_pipeline.core.jsontext import loads_or_none
+from ollama_pipeline.core.runner import Pipeline, run_stage
 
 PROC = Path("/proc")
 ASSETS = "{ assetNodes { assetKey { path } } }"
@@ -136,7 +136,7 @@ def ui(demo_dir: tuple[Path, dict[int, str]]) -> Iterator[tuple[subprocess.Popen
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME" and not k.startswith("OLLAMA_PIPELINE")}
     out = folder / "ui.out"
     with out.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ollama_pipeline.cli", "ui", "--web-port", str(web_port),
+        proc = subprocess.Popen([sys.executable, "-m", "ollama_pipeline.app.cli", "ui", "--web-port", str(web_port),
                                  "--dagster-port", str(dagster_port), "--timeout", "90"],
                                 cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -202,7 +202,7 @@ def test_ui_refuses_a_port_in_use_naming_it(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_PIPELINE")}
-        result = subprocess.run([sys.executable, "-m", "ollama_pipeline.cli", "ui", "--web-port", str(port),
+        result = subprocess.run([sys.executable, "-m", "ollama_pipeline.app.cli", "ui", "--web-port", str(port),
                                  "--no-dagster"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"--web-port port {port}" in result.stderr

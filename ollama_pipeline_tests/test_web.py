@@ -30,20 +30,20 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import Engine, delete, func, insert, select, update
 
-from ollama_pipeline import jobs
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db import repository
-from ollama_pipeline.db.engine import init_db, make_engine
-from ollama_pipeline.db.models import Media, MediaMeta, MediaTag, OllamaJob, OllamaStageResult, Tag
-from ollama_pipeline.demo_library import build_demo_library
-from ollama_pipeline.errors import ConfigError, ValidationError
-from ollama_pipeline.export import export_records
-from ollama_pipeline.jsontext import canonical_json, loads_or_none
-from ollama_pipeline.runner import Pipeline, run_stage
-from ollama_pipeline.stages import STAGES, all_meta_keys
-from ollama_pipeline.web import queries
-from ollama_pipeline.web.app import create_app
-from ollama_pipeline.web.cli import check_bind
+from ollama_pipeline.app.demo_library import build_demo_library
+from ollama_pipeline.app.web import queries
+from ollama_pipeline.app.web.app import create_app
+from ollama_pipeline.app.web.cli import check_bind
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db import repository
+from ollama_pipeline.core.db.engine import init_db, make_engine
+from ollama_pipeline.core.db.models import Media, MediaMeta, MediaTag, OllamaJob, OllamaStageResult, Tag
+from ollama_pipeline.core.errors import ConfigError, ValidationError
+from ollama_pipeline.core.export import export_records
+from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.stages import STAGES, all_meta_keys
 from ollama_pipeline_tests.conftest import make_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -623,11 +623,11 @@ def test_cli_serves_on_loopback_and_refuses_a_public_host_without_token(library:
                    "timeout_ms": s.ollama.timeout_ms, "max_image_bytes": s.ollama.max_image_bytes},
         "database": {"url": s.database.url}, "media_root": str(s.media_root), "logs_dir": str(s.logs_dir)}))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    refused = subprocess.run([sys.executable, "-m", "ollama_pipeline.cli", "--config", str(config), "web",
+    refused = subprocess.run([sys.executable, "-m", "ollama_pipeline.app.cli", "--config", str(config), "web",
                               "--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 2 and "error [validation/validation.config]" in refused.stderr
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ollama_pipeline.cli", "--config", str(config), "web",
+    proc = subprocess.Popen([sys.executable, "-m", "ollama_pipeline.app.cli", "--config", str(config), "web",
                              "--port", str(port), "--log-level", "warning"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from ollama_pipeline.bench.harness import EmulatorProcess, bench_config, copy_sqlite_library, write_config
 from ollama_pipeline.bench.measure import ScenarioResult, run_scenario
-from ollama_pipeline.config import settings_from_dict
+from ollama_pipeline.core.config import settings_from_dict
 
 DEFAULT_OUT = Path("bench_results") / "bench.json"
 
@@ -79,8 +79,8 @@ def render_table(report: BenchReport) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> BenchReport:
-    from ollama_pipeline.db.engine import init_db, make_engine
-    from ollama_pipeline.demo_library import add_media_rows
+    from ollama_pipeline.app.demo_library import add_media_rows
+    from ollama_pipeline.core.db.engine import init_db, make_engine
 
     workdir = Path(tempfile.mkdtemp(prefix="ollama_bench_"))
     concurrency = args.concurrency or args.parallel

@@ -23,7 +23,7 @@ import httpx
 import yaml
 from sqlalchemy import create_engine, text
 
-from ollama_pipeline.config import Settings, settings_from_dict
+from ollama_pipeline.core.config import Settings, settings_from_dict
 
 InstanceKind = Literal["sqlite", "postgres"]
 PG_ADMIN_URL_ENV = "OLLAMA_PIPELINE_BENCH_PG"

@@ -17,9 +17,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFilter
 
 from ollama_pipeline.bench.harness import EmulatorProcess, bench_settings
-from ollama_pipeline.images import prepare_image_bytes
-from ollama_pipeline.runner import Pipeline
-from ollama_pipeline.stages import STAGES
+from ollama_pipeline.core.images import prepare_image_bytes
+from ollama_pipeline.core.runner import Pipeline
+from ollama_pipeline.core.stages import STAGES
 
 
 def large_png(path: Path, side: int, seed: int) -> bytes:

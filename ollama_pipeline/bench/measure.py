@@ -26,15 +26,15 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from ollama_pipeline.bench.harness import EmulatorProcess, Stopwatch, dagster_home, peak_rss_mb
-from ollama_pipeline.config import CONFIG_ENV, Settings
-from ollama_pipeline.db.models import Media
+from ollama_pipeline.core.config import CONFIG_ENV, Settings
+from ollama_pipeline.core.db.models import Media
+from ollama_pipeline.core.images import prepare_image
+from ollama_pipeline.core.runner import Pipeline
+from ollama_pipeline.core.stages import STAGES
+from ollama_pipeline.core.stages.caption import CAPTION_TEMPLATE
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA
 from ollama_pipeline.defs.events import BATCH_SIZE_ENV
 from ollama_pipeline.defs.launch import materialize_stages, resolve_asset_names
-from ollama_pipeline.images import prepare_image
-from ollama_pipeline.runner import Pipeline
-from ollama_pipeline.stages import STAGES
-from ollama_pipeline.stages.caption import CAPTION_TEMPLATE
 
 
 class ScenarioResult(BaseModel):

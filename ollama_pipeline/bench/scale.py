@@ -27,14 +27,14 @@ from ollama_pipeline.bench.harness import (
     peak_rss_mb,
     write_config,
 )
-from ollama_pipeline.config import CONFIG_ENV, load_settings
+from ollama_pipeline.core.config import CONFIG_ENV, load_settings
 
 
 def build_scale_library(workdir: Path, base_url: str, rows: int, slice_items: int) -> Path:
     """A library of `rows` media rows, the first slice_items with files; returns its config path."""
-    from ollama_pipeline.db.engine import init_db, make_engine
-    from ollama_pipeline.db.models import Media
-    from ollama_pipeline.demo_library import add_media_rows
+    from ollama_pipeline.app.demo_library import add_media_rows
+    from ollama_pipeline.core.db.engine import init_db, make_engine
+    from ollama_pipeline.core.db.models import Media
 
     folder = workdir / f"scale_{rows}"
     folder.mkdir(parents=True, exist_ok=True)

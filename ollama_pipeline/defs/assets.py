@@ -46,16 +46,16 @@ from dagster import (
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from ollama_pipeline.db import repository
-from ollama_pipeline.db.models import Media
+from ollama_pipeline.core.db import repository
+from ollama_pipeline.core.db.models import Media
+from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
+from ollama_pipeline.core.images import dhash, open_image, resolve_media_path
+from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.stages.base import Stage
 from ollama_pipeline.defs.checks import check_specs_for, evaluate_checks
 from ollama_pipeline.defs.events import EventBatcher
 from ollama_pipeline.defs.partitions import media_partitions
 from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.errors import OllamaPipelineError, ValidationError
-from ollama_pipeline.images import dhash, open_image, resolve_media_path
-from ollama_pipeline.runner import Pipeline, run_stage
-from ollama_pipeline.stages.base import Stage
 
 MEDIA = "media"
 LIBRARY_OP = "ollama_library"
@@ -85,7 +85,7 @@ class StageRunConfig(Config):
 
 def ordered_stages() -> list[Stage]:
     """The registry's stages, upstream before downstream (registry order breaks ties)."""
-    from ollama_pipeline.stages import STAGES
+    from ollama_pipeline.core.stages import STAGES
 
     done: dict[str, Stage] = {}
 

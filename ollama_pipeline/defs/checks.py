@@ -27,9 +27,9 @@ import pydantic
 from dagster import AssetCheckKey, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 from sqlalchemy import Engine, and_, func, select
 
-from ollama_pipeline.db.models import MediaMeta, OllamaStageResult
-from ollama_pipeline.stages.base import Stage
-from ollama_pipeline.stages.stored import STORED_SCHEMAS
+from ollama_pipeline.core.db.models import MediaMeta, OllamaStageResult
+from ollama_pipeline.core.stages.base import Stage
+from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
 
 DEGENERATE_SHARE = 0.5  # more than this share of identical answers fails ...
 DEGENERATE_MIN_ITEMS = 5  # ... once at least this many items were answered
@@ -63,7 +63,7 @@ def check_specs_for(stage: Stage) -> list[AssetCheckSpec]:
             name=schema_check_name(stage), asset=stage.job_type,
             description=f"Every stored value of {keys} (items whose last {stage.job_type} run succeeded) "
             "parses as JSON, is not empty and validates against the key's stored schema "
-            "(`ollama_pipeline.stages.stored`)."),
+            "(`ollama_pipeline.core.stages.stored`)."),
         AssetCheckSpec(
             name=degenerate_check_name(stage), asset=stage.job_type,
             description=f"{stage.title}: no single answer for more than {DEGENERATE_SHARE:.0%} of the items "

@@ -24,10 +24,8 @@ from dagster import (
     asset,
 )
 
-from ollama_pipeline.defs.assets import ollama_stage_assets
-from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.export import EXPORT_SCHEMA, write_export
-from ollama_pipeline.report import (
+from ollama_pipeline.core.export import EXPORT_SCHEMA, write_export
+from ollama_pipeline.core.report import (
     REPORT_FORMAT,
     SECTIONS,
     TOP_TAGS,
@@ -36,6 +34,8 @@ from ollama_pipeline.report import (
     key_figures,
     write_report,
 )
+from ollama_pipeline.defs.assets import ollama_stage_assets
+from ollama_pipeline.defs.resources import PipelineResource
 
 DOWNSTREAM_GROUP = "ollama_downstream"
 STAGE_KEYS = [spec.key for spec in ollama_stage_assets]

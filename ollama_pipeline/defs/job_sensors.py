@@ -52,9 +52,12 @@ from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 
-from ollama_pipeline import jobs
-from ollama_pipeline.db import repository
-from ollama_pipeline.db.models import Media
+from ollama_pipeline.core.db import repository
+from ollama_pipeline.core.db.models import Media
+from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.refresh import refresh_items
+from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline.defs.assets import LIBRARY_OP, ordered_stages
 from ollama_pipeline.defs.partitions import (
     KeyOrder,
@@ -65,15 +68,12 @@ from ollama_pipeline.defs.partitions import (
     register_partitions,
 )
 from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.errors import OllamaPipelineError, ValidationError
-from ollama_pipeline.refresh import refresh_items
-from ollama_pipeline.runner import Pipeline
 
 JOB_IDS_TAG = "ollama_pipeline/job_ids"
 JOB_TYPE_TAG = "ollama_pipeline/job_type"
 JOB_COUNT_TAG = "ollama_pipeline/job_count"
 BATCH_TAG = "ollama_pipeline/batch"
-REFRESH_TAG = "ollama_pipeline/refresh"
+REFRESH_TAG = "ollama_pipeline/core/refresh"
 PRIORITY_TAG = "dagster/priority"  # the run queue launches higher values first
 WORKER_PREFIX = "dagster:"
 MAX_JOBS_PER_TICK = 10_000

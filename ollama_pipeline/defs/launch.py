@@ -16,12 +16,12 @@ from dagster import AssetKey, DagsterInstance, Definitions, in_process_executor
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from ollama_pipeline.config import Settings
-from ollama_pipeline.db.models import Media
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.models import Media
+from ollama_pipeline.core.errors import ValidationError
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA, all_assets, ordered_stages
 from ollama_pipeline.defs.partitions import contiguous_ranges, media_key, range_tags, register_partitions
 from ollama_pipeline.defs.resources import PipelineResource
-from ollama_pipeline.errors import ValidationError
 
 STATUSES = ("written", "unchanged", "skipped", "failed")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ollama_pipeline.config import CONFIG_ENV, ENV_PREFIX, Settings, config_path, load_settings
-from ollama_pipeline.runner import Pipeline
+from ollama_pipeline.core.config import CONFIG_ENV, ENV_PREFIX, Settings, config_path, load_settings
+from ollama_pipeline.core.runner import Pipeline
 
 _lock = threading.Lock()
 _pipelines: dict[tuple[object, ...], Pipeline] = {}

@@ -29,7 +29,7 @@ from dagster import (
 )
 from sqlalchemy import select
 
-from ollama_pipeline.db.models import Media
+from ollama_pipeline.core.db.models import Media
 from ollama_pipeline.defs.assets import MEDIA, ollama_stage_assets
 from ollama_pipeline.defs.partitions import (
     KeyOrder,

@@ -1,0 +1,1 @@
+"""The applications on top of the core and the Dagster definitions: CLI, web UI, `ui`, demo, docs."""

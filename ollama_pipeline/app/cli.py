@@ -1,0 +1,157 @@
+"""The `ollama-pipeline` command line: set-up, demo, emulator, runs through Dagster, export, jobs.
+
+Every command exits 0 on success and 2 on a typed pipeline error, printing one line
+`error [channel/code]: message` to stderr (never a traceback for an expected failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ollama_pipeline.core.config import Settings, load_settings
+from ollama_pipeline.core.errors import OllamaPipelineError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _cmd_init_db(args: argparse.Namespace) -> int:
+    from ollama_pipeline.core.db.engine import init_db, make_engine
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    created = init_db(engine)
+    print(f"database ready: created {len(created)} table(s){': ' + ', '.join(created) if created else ''}")
+    return 0
+
+
+def _cmd_demo_library(args: argparse.Namespace) -> int:
+    from ollama_pipeline.app.demo_library import build_demo_library
+    from ollama_pipeline.core.db.engine import init_db, make_engine
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    init_db(engine)
+    report = build_demo_library(engine, settings.media_root, count=args.count, seed=args.seed)
+    print(f"demo library: {report.created} created, {report.skipped} already there, "
+          f"{report.bytes_written / 1e6:.1f} MB written under {settings.media_root}")
+    return 0
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from ollama_pipeline.emulator.__main__ import run
+
+    return run(args)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from ollama_pipeline.core.client import OllamaClient
+
+    settings = settings_from_args(args)
+    client = OllamaClient(settings.ollama)
+    health = client.health()
+    print(health.model_dump_json())
+    if health.ok:
+        models = client.list_models()
+        print("models: " + (", ".join(models.names()) or "(none)"))
+    return 0 if health.ok else 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ollama_pipeline.app.orchestrate import parse_stage_list, run_stages_through_dagster
+
+    settings = settings_from_args(args)
+    media_ids = [int(x) for x in args.media.split(",")] if args.media else None
+    summary = run_stages_through_dagster(settings, parse_stage_list(args.stages), media_ids=media_ids,
+                                         force=args.force, config_path=args.config)
+    print(summary.render())
+    return 0 if summary.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ollama_pipeline.app.demo import run_demo
+
+    return run_demo(count=args.count, emulator=args.emulator, config=args.config, stages=args.stages)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ollama_pipeline.core.export import write_export
+
+    settings = settings_from_args(args)
+    path = Path(args.out) if args.out else None
+    written, count = write_export(settings, path)
+    print(f"export: {count} item(s) written to {written}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ollama-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="configuration file (default: $OLLAMA_PIPELINE_CONFIG or ./ollama_pipeline.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-db", help="create the library tables that do not exist yet")
+    p.set_defaults(handler=_cmd_init_db)
+
+    p = sub.add_parser("demo-library", help="write a realistic demo library (images, prompts, tags, scans)")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(handler=_cmd_demo_library)
+
+    from ollama_pipeline.emulator.__main__ import build_parser as emulator_parser
+
+    sub.add_parser("emulator", help="serve Ollama's HTTP API on loopback with fault injection",
+                   parents=[emulator_parser(add_help=False)], conflict_handler="resolve").set_defaults(
+        handler=_cmd_emulator)
+
+    p = sub.add_parser("health", help="check that Ollama answers and list its models")
+    p.set_defaults(handler=_cmd_health)
+
+    p = sub.add_parser("run", help="materialize stages for media items through Dagster (one run over many items)")
+    p.add_argument("--stages", default="all", help="'all', or job types/short names separated by commas")
+    p.add_argument("--media", help="media ids separated by commas (default: every media item)")
+    p.add_argument("--force", action="store_true", help="call the model even when nothing changed")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("demo", help="demo library + emulator (when no Ollama is configured) + all stages")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--emulator", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--stages", default="all")
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("export", help="write the JSON Lines export feed of all ollama.* values")
+    p.add_argument("--out", help="output file (default: <logs_dir>/../exports/ollama_export.jsonl)")
+    p.set_defaults(handler=_cmd_export)
+
+    for module in ("ollama_pipeline.app.cli_jobs", "ollama_pipeline.app.web.cli", "ollama_pipeline.bench",
+                   "ollama_pipeline.app.docs", "ollama_pipeline.app.ui"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except OllamaPipelineError as exc:
+        print(f"error [{exc.channel}/{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

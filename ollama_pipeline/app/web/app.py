@@ -1,0 +1,243 @@
+"""The web UI: a FastAPI app with server-rendered Jinja2 pages (autoescape on) and no JavaScript.
+
+Routes: `/` gallery (filters, keyset paging), `/media/{id}` item page, `/media/{id}.json` and
+`/api/media/{id}` (the export feed object), `/thumb/{id}` and `/image/{id}` (JPEGs made from files inside
+the media root only), `POST /media/{id}/rerun`, `/queue` with `POST /jobs/{id}/retry|cancel`, `/healthz`.
+Reads go through `web.queries`; every write goes through `ollama_pipeline.core.queue.store`. Guards (Host, token, CSRF,
+headers) live in `web.security` and wrap the whole app.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine, text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ollama_pipeline.app.web import queries, thumbs
+from ollama_pipeline.app.web.present import card_values, meta_views, pretty_json, text_of
+from ollama_pipeline.app.web.security import CSRF_FIELD, SecurityMiddleware, csrf_token_of
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.engine import get_engine
+from ollama_pipeline.core.errors import (
+    OllamaPipelineError,
+    PersistenceError,
+    QueueLimitError,
+    ValidationError,
+)
+from ollama_pipeline.core.export import export_records
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.runner import Pipeline
+from ollama_pipeline.core.stages import STAGES
+
+HERE = Path(__file__).resolve().parent
+FLASH_MESSAGES = {"retried": "Job {job} is queued again.", "cancelled": "Job {job} was cancelled."}
+NOT_AVAILABLE = "image not available"
+
+
+class WebState:
+    """What the routes share: settings, engine, the lazily built Pipeline (for the job API), templates."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline | None, thumb_dir: Path) -> None:
+        self.settings = settings
+        self.engine: Engine = pipeline.engine if pipeline is not None else get_engine(
+            settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        self._pipeline = pipeline
+        self._lock = threading.Lock()
+        self.thumb_dir = thumb_dir
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                                      trim_blocks=True, lstrip_blocks=True)
+        self.env.filters["pretty_json"] = pretty_json
+        self.env.filters["text_of"] = text_of
+        self.env.globals.update(stages=list(STAGES), csrf_field=CSRF_FIELD,
+                                dagster_url=settings.pipeline.dagster_ui_url.rstrip("/"))
+
+    @property
+    def pipeline(self) -> Pipeline:
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = Pipeline.from_settings(self.settings)
+            return self._pipeline
+
+    def render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        template = self.env.get_template(name)
+        body = template.render(request=request, csrf_token=csrf_token_of(request.scope), **context)
+        return HTMLResponse(body, status_code=status_code)
+
+
+def dagster_partition_url(base: str, asset: str, media_id: int) -> str:
+    """The Dagster UI page of one asset partition (Dagster 1.13: /assets/<key>?view=partitions&partition=)."""
+    return f"{base.rstrip('/')}/assets/{asset}?" + urlencode({"view": "partitions", "partition": str(media_id)})
+
+
+def error_status(exc: OllamaPipelineError) -> int:
+    """HTTP status of a typed pipeline error shown to a user."""
+    if isinstance(exc, QueueLimitError):
+        return 429
+    if isinstance(exc, ValidationError):
+        return 404 if exc.code in ("validation.media_missing", "validation.file_missing") else 400
+    if isinstance(exc, PersistenceError):
+        return 409 if exc.code == "persistence.constraint" else 503
+    return 500
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_token: bool | None = None,
+               thumb_dir: Path | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The web app for these settings; a token is required whenever `pipeline.web_token` is set."""
+    state = WebState(settings, pipeline, thumb_dir or thumbs.default_cache_dir(settings))
+    token = settings.pipeline.web_token if (require_token is None or require_token) else None
+    if require_token and not token:
+        raise ValueError("require_token=True needs pipeline.web_token")
+    app = FastAPI(title="ollama_pipeline web UI", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.web = state
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.exception_handler(OllamaPipelineError)
+    async def pipeline_error(request: Request, exc: OllamaPipelineError) -> HTMLResponse:
+        return state.render(request, "message.html", status_code=error_status(exc), title="Refused",
+                            error=exc, messages=[])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return state.render(request, "message.html", status_code=404, title="Not found", error=None,
+                                messages=[str(exc.detail) if exc.detail != "Not Found" else "No such page."])
+        return HTMLResponse(html.escape(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        try:
+            with state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # report, do not raise: this is the health endpoint
+            return JSONResponse({"ok": False, "database": type(exc).__name__}, status_code=503)
+        return JSONResponse({"ok": True, "database": "ok", "stages": len(STAGES)})
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/", response_class=HTMLResponse)
+    def gallery(request: Request, quality: str = "", policy: str = "", tag: str = "", model: str = "",
+                stage: str = "", stage_status: str = "", q: str = "", after: str = "",
+                before: str = "") -> HTMLResponse:
+        filters = queries.GalleryFilters(quality=quality.strip()[:100], policy=policy.strip()[:100],
+                                         tag=tag.strip()[:255], model=model.strip()[:255],
+                                         stage=stage if stage in STAGES else "",
+                                         stage_status=stage_status if stage_status in queries.STAGE_STATUSES else "",
+                                         q=q.strip()[:200])
+        page = queries.gallery_page(state.engine, filters, after=_int_or_none(after), before=_int_or_none(before))
+        cards = [{"id": c.id, "path": c.path, **card_values(c.meta, c.quality_status)} for c in page.cards]
+        keep = filters.active()
+        return state.render(request, "gallery.html", cards=cards, filters=filters,
+                            choices=queries.filter_choices(state.engine), statuses=queries.STAGE_STATUSES,
+                            next_url=f"/?{urlencode({**keep, 'after': page.next_after})}" if page.next_after else None,
+                            prev_url=f"/?{urlencode({**keep, 'before': page.prev_before})}" if page.prev_before else None,
+                            filtered=bool(keep))
+
+    @app.get("/media/{media_id:int}", response_class=HTMLResponse)
+    def item(request: Request, media_id: int) -> HTMLResponse:
+        data = queries.item_data(state.engine, media_id)
+        if data is None:
+            raise StarletteHTTPException(404, f"No media item {media_id}.")
+        versions = queries.current_versions()
+        for row in data.stages:
+            row["stale"] = row.get("status") == "ok" and row.get("version") != versions.get(row["stage"])
+            row["dagster_url"] = dagster_partition_url(state.settings.pipeline.dagster_ui_url, row["stage"], media_id)
+        views = meta_views(data.meta)
+        recon = next((v for v in views if v.key == "ollama.prompt_reconstruction"), None)
+        return state.render(request, "item.html", item=data, media=data.media, views=views, recon=recon,
+                            other_meta={k: v for k, v in data.meta.items() if not k.startswith("ollama.")},
+                            cards=card_values(data.meta, data.media.get("quality_status")),
+                            dagster_link=dagster_partition_url(state.settings.pipeline.dagster_ui_url,
+                                                               next(iter(STAGES), "media"), media_id),
+                            versions=versions)
+
+    def _export(media_id: int) -> JSONResponse:
+        records = list(export_records(state.engine, [media_id]))
+        if not records:
+            return JSONResponse({"error": f"no media item {media_id}"}, status_code=404)
+        return JSONResponse(records[0])
+
+    @app.get("/media/{media_id:int}.json")
+    def item_json(media_id: int) -> JSONResponse:
+        return _export(media_id)
+
+    @app.get("/api/media/{media_id:int}")
+    def item_api(media_id: int) -> JSONResponse:
+        return _export(media_id)
+
+    def _jpeg(media_id: int, side: int) -> Response:
+        path = queries.media_path(state.engine, media_id)
+        if path is None:
+            return Response(NOT_AVAILABLE, status_code=404, media_type="text/plain")
+        try:
+            file = thumbs.scaled_jpeg(state.settings.media_root, path, state.thumb_dir, side)
+        except ValidationError as exc:
+            status = 400 if exc.code == "validation.path_outside_root" else 404
+            return Response(NOT_AVAILABLE, status_code=status, media_type="text/plain")
+        return FileResponse(file, media_type="image/jpeg",
+                            headers={"cache-control": "private, max-age=300"})
+
+    @app.get("/thumb/{media_id:int}")
+    def thumb(media_id: int) -> Response:
+        return _jpeg(media_id, thumbs.THUMB_SIDE)
+
+    @app.get("/image/{media_id:int}")
+    def image(media_id: int) -> Response:
+        return _jpeg(media_id, thumbs.PREVIEW_SIDE)
+
+    @app.post("/media/{media_id:int}/rerun", response_class=HTMLResponse)
+    def rerun(request: Request, media_id: int, stage: str = Form("all")) -> HTMLResponse:
+        if queries.media_path(state.engine, media_id) is None:
+            raise ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
+        chosen = list(STAGES) if stage == "all" else [stage]
+        results = []
+        for job_type in chosen:
+            result = jobs.enqueue_ollama(state.pipeline, job_type, media_id, {"force": True})
+            results.append({"job_id": result.job_id, "job_type": job_type,
+                            "answer": "queued" if result.status == "queued" else "already queued"})
+        messages = [f"{r['job_type']}: {r['answer']} (job {r['job_id']})" for r in results]
+        return state.render(request, "message.html", title=f"Re-run for media {media_id}", error=None,
+                            messages=messages, results=results, media_id=media_id)
+
+    @app.get("/queue", response_class=HTMLResponse)
+    def queue(request: Request, status: str = "", job_type: str = "", done: str = "",
+              job: str = "") -> HTMLResponse:
+        pipeline = state.pipeline
+        counts = jobs.queue_counts(pipeline)
+        recent = jobs.list_jobs(pipeline, status=status if status in jobs.JOB_STATUSES else None,
+                                job_type=job_type if job_type in STAGES else None, limit=50)
+        failed = jobs.list_jobs(pipeline, status="failed", limit=50)
+        job_id = _int_or_none(job)
+        flash = FLASH_MESSAGES[done].format(job=job_id) if done in FLASH_MESSAGES and job_id else None
+        return state.render(request, "queue.html", counts=counts, recent=recent, failed=failed, flash=flash,
+                            statuses=jobs.JOB_STATUSES, status=status, job_type=job_type)
+
+    @app.post("/jobs/{job_id:int}/retry")
+    def retry(job_id: int) -> RedirectResponse:
+        jobs.retry_job(state.pipeline, job_id)
+        return RedirectResponse(f"/queue?done=retried&job={job_id}", status_code=303)
+
+    @app.post("/jobs/{job_id:int}/cancel")
+    def cancel(job_id: int) -> RedirectResponse:
+        jobs.cancel_job(state.pipeline, job_id)
+        return RedirectResponse(f"/queue?done=cancelled&job={job_id}", status_code=303)
+
+    app.add_middleware(SecurityMiddleware, token=token, allowed_hosts=allowed_hosts)
+    return app

@@ -1,0 +1,284 @@
+"""The SQL of the web UI: the gallery page (filters plus keyset paging) and everything the item page reads.
+
+Every gallery page is one indexed range scan on `media.id` (`WHERE id > :after ORDER BY id LIMIT 49`)
+with filters as correlated `EXISTS` sub-queries that hit primary keys or unique indexes
+(`media_meta (media_id, key)`, `media_tags (media_id, tag_id)`, `ollama_stage_results (media_id, stage)`),
+so a page costs the same at item 100 and at item 100,000: no OFFSET, no COUNT(*). The lists that fill the
+filter drop-downs are cached for a minute. This module only reads; writes go through `ollama_pipeline.core.queue.store`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import Engine, and_, exists, func, or_, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from ollama_pipeline.core.db.models import (
+    Media,
+    MediaMeta,
+    MediaTag,
+    OllamaJob,
+    OllamaStageResult,
+    Prompt,
+    ScanResult,
+    Tag,
+)
+from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
+from ollama_pipeline.core.stages import STAGES
+
+PAGE_SIZE = 48
+StageStatus = Literal["done", "failed", "stale", "never"]
+STAGE_STATUSES: tuple[str, ...] = ("done", "failed", "stale", "never")
+CARD_KEYS = ("ollama.title", "ollama.caption", "ollama.quality", "ollama.policy_flags")
+SEARCH_KEYS = ("ollama.caption", "ollama.title")
+
+
+@dataclass(frozen=True)
+class GalleryFilters:
+    """What the gallery's filter form asks for; empty strings mean 'any'."""
+
+    quality: str = ""
+    policy: str = ""
+    tag: str = ""
+    model: str = ""
+    stage: str = ""
+    stage_status: str = ""
+    q: str = ""
+
+    def active(self) -> dict[str, str]:
+        """The filters that are set, for links that keep them across pages."""
+        return {k: v for k, v in self.__dict__.items() if v}
+
+
+@dataclass
+class GalleryCard:
+    """One thumbnail of the gallery with the values shown under it."""
+
+    id: int
+    path: str
+    quality_status: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GalleryPage:
+    """One page of cards plus the keyset cursors to the next and previous page."""
+
+    cards: list[GalleryCard]
+    next_after: int | None
+    prev_before: int | None
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _json_fragment(key: str, value: str) -> str:
+    """The canonical-JSON text `"key":"value"` as it appears inside a stored media_meta value."""
+    return f"%{_like_escape(canonical_json(key))}:{_like_escape(canonical_json(value))}%"
+
+
+def _meta_exists(key: str, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    return exists().where(MediaMeta.media_id == Media.id, MediaMeta.key == key, condition)
+
+
+def current_versions() -> dict[str, str]:
+    """The registry's current version per stage (what a result must carry not to be stale)."""
+    return {job_type: stage.version for job_type, stage in STAGES.items()}
+
+
+def _stage_condition(stage: str, status: str) -> ColumnElement[bool] | None:
+    if stage not in STAGES or status not in STAGE_STATUSES:
+        return None
+    version = STAGES[stage].version
+    same = and_(OllamaStageResult.media_id == Media.id, OllamaStageResult.stage == stage)
+    if status == "never":
+        return ~exists().where(same)
+    if status == "failed":
+        return exists().where(same, OllamaStageResult.status == "failed")
+    if status == "done":
+        return exists().where(same, OllamaStageResult.status == "ok", OllamaStageResult.version == version)
+    return exists().where(same, OllamaStageResult.status == "ok",
+                          or_(OllamaStageResult.version.is_(None), OllamaStageResult.version != version))
+
+
+def filter_conditions(f: GalleryFilters) -> list[ColumnElement[bool]]:
+    """The WHERE conditions of a filter set (each one an indexed EXISTS or a column test on media)."""
+    conds: list[ColumnElement[bool]] = []
+    if f.quality:
+        conds.append(or_(Media.quality_status == f.quality,
+                         _meta_exists("ollama.quality", MediaMeta.value.like(_json_fragment("verdict", f.quality),
+                                                                             escape="\\"))))
+    if f.policy:
+        conds.append(_meta_exists("ollama.policy_flags", or_(
+            MediaMeta.value.like(_json_fragment("outcome", f.policy), escape="\\"),
+            MediaMeta.value.like(_json_fragment("name", f.policy), escape="\\"))))
+    if f.tag:
+        conds.append(exists().where(MediaTag.media_id == Media.id, MediaTag.tag_id == Tag.id, Tag.name == f.tag))
+    if f.model:
+        if f.stage in STAGES:
+            conds.append(exists().where(OllamaStageResult.media_id == Media.id,
+                                        OllamaStageResult.stage == f.stage, OllamaStageResult.model == f.model))
+        else:
+            conds.append(exists().where(OllamaStageResult.media_id == Media.id, OllamaStageResult.model == f.model))
+    if f.stage and f.stage_status:
+        cond = _stage_condition(f.stage, f.stage_status)
+        if cond is not None:
+            conds.append(cond)
+    if f.q:
+        pattern = f"%{_like_escape(f.q)}%"
+        conds.append(exists().where(MediaMeta.media_id == Media.id, MediaMeta.key.in_(SEARCH_KEYS),
+                                    MediaMeta.value.ilike(pattern, escape="\\")))
+    return conds
+
+
+def gallery_page(engine: Engine, f: GalleryFilters, *, after: int | None = None, before: int | None = None,
+                 limit: int = PAGE_SIZE) -> GalleryPage:
+    """One page in media-id order: `after` pages forward, `before` pages back (keyset, never OFFSET).
+
+    One range scan for the page (limit + 1 rows tell whether more follow in that direction) and one read
+    of the card values of the page's ids. The other direction is known from the cursor itself: a page
+    reached with `after` has items before it, one reached with `before` has items after it, so a rare
+    filter never costs a second scan.
+    """
+    conds = filter_conditions(f)
+    q = select(Media.id, Media.path, Media.quality_status).where(*conds)
+    backwards = before is not None
+    if backwards:
+        q = q.where(Media.id < before).order_by(Media.id.desc())
+    else:
+        q = q.where(Media.id > (after or 0)).order_by(Media.id)
+    with engine.connect() as conn:
+        rows = list(conn.execute(q.limit(limit + 1)).all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if backwards:
+            rows.reverse()
+        ids = [int(r[0]) for r in rows]
+        if not ids:
+            return GalleryPage(cards=[], next_after=None, prev_before=None)
+        meta: dict[int, dict[str, Any]] = {}
+        for media_id, key, value in conn.execute(select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value)
+                                                 .where(MediaMeta.media_id.in_(ids), MediaMeta.key.in_(CARD_KEYS))):
+            meta.setdefault(int(media_id), {})[key] = loads_or_none(value)
+    cards = [GalleryCard(id=int(r[0]), path=str(r[1]), quality_status=r[2], meta=meta.get(int(r[0]), {}))
+             for r in rows]
+    has_next, has_prev = (True, more) if backwards else (more, bool(after))
+    return GalleryPage(cards=cards, next_after=ids[-1] if has_next else None,
+                       prev_before=ids[0] if has_prev else None)
+
+
+# ---- filter choices (cached) --------------------------------------------------------------------
+
+
+class _TTLCache:
+    """A tiny per-process cache for the filter drop-downs (distinct values change slowly)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._data: dict[tuple[int, str], tuple[float, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, engine: Engine, name: str, load: Callable[[], list[str]]) -> list[str]:
+        key = (id(engine), name)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None and now - hit[0] < self.seconds:
+                return hit[1]
+        value = load()
+        with self._lock:
+            self._data[key] = (now, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+choices_cache = _TTLCache(60.0)
+
+
+def _distinct(engine: Engine, column: Any, limit: int = 200) -> list[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(column).where(column.is_not(None)).distinct().order_by(column).limit(limit))
+        return [str(r[0]) for r in rows]
+
+
+def filter_choices(engine: Engine) -> dict[str, list[str]]:
+    """Values offered by the filter form: quality statuses, tags, models."""
+    return {
+        "quality": choices_cache.get(engine, "quality", lambda: _distinct(engine, Media.quality_status)),
+        "tag": choices_cache.get(engine, "tag", lambda: _distinct(engine, Tag.name, 1000)),
+        "model": choices_cache.get(engine, "model", lambda: _distinct(engine, OllamaStageResult.model)),
+    }
+
+
+# ---- the item page -------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemData:
+    """Everything the item page shows about one media item."""
+
+    media: dict[str, Any]
+    prompt: dict[str, Any] | None
+    tags: list[dict[str, Any]]
+    scans: list[dict[str, Any]]
+    meta: dict[str, Any]
+    stages: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]
+    neighbours: tuple[int | None, int | None] = (None, None)
+
+
+def media_row(engine: Engine, media_id: int) -> dict[str, Any] | None:
+    """The media row, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(select(Media).where(Media.id == media_id)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def media_path(engine: Engine, media_id: int) -> str | None:
+    """media.path of one item, or None when there is no such row."""
+    with engine.connect() as conn:
+        return conn.execute(select(Media.path).where(Media.id == media_id)).scalar()
+
+
+def item_data(engine: Engine, media_id: int, *, jobs_limit: int = 100) -> ItemData | None:
+    """The media row with its prompt, tags, scans, all media_meta, provenance per stage and job history."""
+    with engine.connect() as conn:
+        media = conn.execute(select(Media).where(Media.id == media_id)).mappings().first()
+        if media is None:
+            return None
+        prompt = conn.execute(select(Prompt).where(Prompt.media_id == media_id).order_by(Prompt.id)
+                              .limit(1)).mappings().first()
+        tags = conn.execute(select(Tag.name, MediaTag.locked, MediaTag.source, MediaTag.confidence,
+                                   MediaTag.weight).join(Tag, Tag.id == MediaTag.tag_id)
+                            .where(MediaTag.media_id == media_id)
+                            .order_by(MediaTag.locked.desc(), Tag.name)).mappings().all()
+        scans = conn.execute(select(ScanResult).where(ScanResult.media_id == media_id)
+                             .order_by(ScanResult.id)).mappings().all()
+        meta = {r[0]: loads_or_none(r[1]) for r in conn.execute(
+            select(MediaMeta.key, MediaMeta.value).where(MediaMeta.media_id == media_id).order_by(MediaMeta.key))}
+        stages = conn.execute(select(OllamaStageResult).where(OllamaStageResult.media_id == media_id)
+                              ).mappings().all()
+        jobs = conn.execute(select(OllamaJob).where(OllamaJob.media_id == media_id)
+                            .order_by(OllamaJob.id.desc()).limit(jobs_limit)).mappings().all()
+        prev_id = conn.execute(select(func.max(Media.id)).where(Media.id < media_id)).scalar()
+        next_id = conn.execute(select(func.min(Media.id)).where(Media.id > media_id)).scalar()
+    scan_list = []
+    for s in scans:
+        row = dict(s)
+        flags = loads_or_none(row.get("flags"))
+        row["flags"] = flags if isinstance(flags, list) else ([] if flags is None else [flags])
+        scan_list.append(row)
+    order = {job_type: i for i, job_type in enumerate(STAGES)}
+    stage_rows = sorted((dict(s) for s in stages), key=lambda s: (order.get(s["stage"], len(order)), s["stage"]))
+    return ItemData(media=dict(media), prompt=dict(prompt) if prompt else None, tags=[dict(t) for t in tags],
+                    scans=scan_list, meta=meta, stages=stage_rows, jobs=[dict(j) for j in jobs],
+                    neighbours=(prev_id, next_id))

@@ -1,0 +1,267 @@
+"""The Ollama client (§7): the only module that talks to Ollama, built on the official `ollama` package.
+
+`generate_text`, `analyze_image`, `health` and `list_models` return typed models. One private method,
+`_call`, is the single place where transport and HTTP failures become the seed's typed errors (§6) and
+where retries with backoff happen (connect errors, timeouts, 5xx and 503 only; never 4xx).
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
+import ollama
+from pydantic import BaseModel, Field
+
+from ollama_pipeline.core.config import OllamaConfig
+from ollama_pipeline.core.errors import InvalidResponseFormatError, NetworkError, OllamaPipelineError
+from ollama_pipeline.core.logs import redact_text
+
+T = TypeVar("T")
+
+
+class OllamaOptions(BaseModel):
+    """Per-call options as in the seed (§7)."""
+
+    model: str
+    format: Literal["json"] | dict[str, Any] | None = "json"
+    temperature: float | None = 0.0
+    top_p: float | None = 0.9
+    seed: int | None = 12345
+    timeout_ms: int | None = None
+    think: bool | None = None
+    num_predict: int | None = None
+
+    def ollama_options(self) -> dict[str, Any]:
+        opts = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "num_predict": self.num_predict}
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+class OllamaTextResponse(BaseModel):
+    model: str
+    text: str
+    done_reason: str | None = None
+    prompt_eval_count: int | None = None
+    eval_count: int | None = None
+    total_duration_ns: int | None = None
+    load_duration_ns: int | None = None
+    wall_ms: float = 0.0
+    attempts: int = 1
+    image_bytes: int = 0
+
+
+class OllamaVisionResponse(OllamaTextResponse):
+    images: int = 1
+
+
+class OllamaHealthResponse(BaseModel):
+    ok: bool
+    base_url: str
+    version: str | None = None
+    latency_ms: float | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+
+class OllamaModel(BaseModel):
+    name: str
+    digest: str | None = None
+    size: int | None = None
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
+
+
+class OllamaModelsResponse(BaseModel):
+    models: list[OllamaModel] = Field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def split_credentials(base_url: str) -> tuple[str, dict[str, str]]:
+    """Move user:password out of the URL into a Basic Authorization header (never logged)."""
+    parts = urlsplit(base_url)
+    if not parts.username and not parts.password:
+        return base_url.rstrip("/"), {}
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)).rstrip("/")
+    token = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()).decode()
+    return clean, {"Authorization": f"Basic {token}"}
+
+
+class OllamaClient:
+    """One per process: wraps `ollama.Client` (creating one costs ~50 ms) with typed errors and retries."""
+
+    def __init__(self, config: OllamaConfig, *, headers: dict[str, str] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self.base_url, auth = split_credentials(config.host)
+        self._headers = {**auth, **(headers or {})}
+        self._sleep = sleep
+        self._clients: dict[int, ollama.Client] = {}
+        self._lock = threading.Lock()
+        self._digests: dict[str, str | None] = {}
+        self._capabilities: dict[str, list[str]] = {}
+
+    # ---- transport -----------------------------------------------------------------------------
+
+    def _client(self, timeout_ms: int | None = None) -> ollama.Client:
+        timeout = timeout_ms or self.config.timeout_ms
+        with self._lock:
+            client = self._clients.get(timeout)
+            if client is None:
+                client = ollama.Client(host=self.base_url, timeout=timeout / 1000.0, headers=self._headers)
+                self._clients[timeout] = client
+            return client
+
+    def _map_error(self, exc: Exception, model: str | None) -> OllamaPipelineError:
+        if isinstance(exc, OllamaPipelineError):
+            return exc
+        if isinstance(exc, httpx.TimeoutException):
+            return NetworkError(f"no answer from Ollama within {self.config.timeout_ms} ms",
+                                code="network.timeout")
+        if isinstance(exc, ollama.ResponseError):
+            status = exc.status_code
+            message = redact_text(str(exc.error))
+            if status == 503:
+                return NetworkError(f"Ollama is busy: {message}", code="network.busy", http_status=status)
+            if status >= 500:
+                return NetworkError(f"Ollama answered HTTP {status}: {message}", code="network.server_error",
+                                    http_status=status)
+            if status == 404:
+                return InvalidResponseFormatError(f"model {model!r} not found in Ollama: {message}",
+                                                  code="invalid_response_format.model_not_found",
+                                                  http_status=status)
+            if status == -1:  # an {"error": ...} line inside a stream
+                return NetworkError(f"Ollama reported an error mid-stream: {message}",
+                                    code="network.stream_error")
+            return InvalidResponseFormatError(f"Ollama refused the request (HTTP {status}): {message}",
+                                              code="invalid_response_format.bad_request", http_status=status)
+        if isinstance(exc, ConnectionError | httpx.TransportError):
+            return NetworkError(f"cannot reach Ollama at {redact_text(self.base_url)}: {type(exc).__name__}",
+                                code="network.connect")
+        raise exc
+
+    def _call(self, fn: Callable[[ollama.Client], T], *, model: str | None, timeout_ms: int | None = None
+              ) -> tuple[T, int]:
+        """Run fn with retries on retryable failures; return (result, attempts)."""
+        attempts = max(1, self.config.retry.max_attempts)
+        backoff = self.config.retry.backoff_ms / 1000.0
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(self._client(timeout_ms)), attempt
+            except Exception as exc:  # mapped below; unknown exceptions re-raise unchanged
+                error = self._map_error(exc, model)
+                error.details.setdefault("attempts", attempt)
+                error.details["attempts"] = attempt
+                if not error.retryable or attempt == attempts:
+                    raise error from None
+                self._sleep(backoff * (2 ** (attempt - 1)))
+        raise AssertionError("unreachable")
+
+    # ---- the seed's API (§7) -------------------------------------------------------------------
+
+    def _generate(self, prompt: str, options: OllamaOptions, images: Sequence[str] | None,
+                  system: str | None) -> tuple[OllamaTextResponse, int]:
+        think = options.think if options.think is not None and self.supports_thinking(options.model) else None
+        started = time.perf_counter()
+
+        def call(client: ollama.Client) -> Any:
+            return client.generate(model=options.model, prompt=prompt, system=system or "",
+                                   images=list(images) if images else None, format=options.format or None,
+                                   options=options.ollama_options(), stream=False, think=think)
+
+        raw, attempts = self._call(call, model=options.model, timeout_ms=options.timeout_ms)
+        return OllamaTextResponse(
+            model=raw.model or options.model,
+            text=raw.response or "",
+            done_reason=raw.done_reason,
+            prompt_eval_count=raw.prompt_eval_count,
+            eval_count=raw.eval_count,
+            total_duration_ns=raw.total_duration,
+            load_duration_ns=raw.load_duration,
+            wall_ms=(time.perf_counter() - started) * 1000.0,
+            attempts=attempts,
+        ), attempts
+
+    def generate_text(self, prompt: str, options: OllamaOptions, *, system: str | None = None
+                      ) -> OllamaTextResponse:
+        """A text-only completion."""
+        response, _ = self._generate(prompt, options, None, system)
+        return response
+
+    def analyze_image(self, image_b64: str | Sequence[str], prompt: str, options: OllamaOptions, *,
+                      system: str | None = None) -> OllamaVisionResponse:
+        """A completion about one image (or several, e.g. a duplicate pair) sent as base64."""
+        images = [image_b64] if isinstance(image_b64, str) else list(image_b64)
+        response, _ = self._generate(prompt, options, images, system)
+        data = response.model_dump() | {"images": len(images), "image_bytes": sum(len(i) for i in images)}
+        return OllamaVisionResponse(**data)
+
+    def health(self) -> OllamaHealthResponse:
+        """Is Ollama reachable? Never raises; one attempt with a short timeout."""
+        started = time.perf_counter()
+        try:
+            client = self._client(min(self.config.timeout_ms, 5000))
+            version = client._request_raw("GET", "/api/version").json().get("version")
+            return OllamaHealthResponse(ok=True, base_url=redact_text(self.base_url), version=version,
+                                        latency_ms=(time.perf_counter() - started) * 1000.0)
+        except Exception as exc:
+            try:
+                error = self._map_error(exc, None)
+            except Exception as other:  # anything unexpected still means "not healthy"
+                return OllamaHealthResponse(ok=False, base_url=redact_text(self.base_url),
+                                            error_code="network.connect", error=type(other).__name__)
+            return OllamaHealthResponse(ok=False, base_url=redact_text(self.base_url), error_code=error.code,
+                                        error=error.message)
+
+    def list_models(self) -> OllamaModelsResponse:
+        """Installed models with their digests (from /api/tags)."""
+        raw, _ = self._call(lambda c: c.list(), model=None)
+        models = []
+        for m in raw.models:
+            details = m.details
+            models.append(OllamaModel(
+                name=m.model or "", digest=m.digest, size=m.size,
+                family=getattr(details, "family", None), parameter_size=getattr(details, "parameter_size", None),
+                quantization_level=getattr(details, "quantization_level", None)))
+        with self._lock:
+            self._digests.update({m.name: m.digest for m in models})
+        return OllamaModelsResponse(models=models)
+
+    def model_digest(self, model: str) -> str | None:
+        """The digest of an installed model (cached per process); None when Ollama does not list it."""
+        with self._lock:
+            if model in self._digests:
+                return self._digests[model]
+        self.list_models()
+        with self._lock:
+            if model not in self._digests and f"{model}:latest" in self._digests:
+                self._digests[model] = self._digests[f"{model}:latest"]
+            return self._digests.setdefault(model, None)
+
+    def supports_thinking(self, model: str) -> bool:
+        """Whether /api/show lists the `thinking` capability (only then is `think` sent)."""
+        with self._lock:
+            caps = self._capabilities.get(model)
+        if caps is None:
+            raw, _ = self._call(lambda c: c.show(model), model=model)
+            caps = list(getattr(raw, "capabilities", None) or [])
+            with self._lock:
+                self._capabilities[model] = caps
+        return "thinking" in caps
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client._client.close()
+            self._clients.clear()

@@ -1,0 +1,190 @@
+"""Configuration (§4): one pydantic model, read once from YAML plus environment overrides.
+
+The `ollama` section holds exactly the seed's keys. Everything the pipeline adds lives under `database`,
+`media_root`, `logs_dir` and `pipeline`. Environment variables override the file:
+`OLLAMA_PIPELINE__OLLAMA__BASE_URL=...` sets `ollama.base_url` (double underscore separates levels).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
+
+from ollama_pipeline.core.errors import ConfigError
+
+CONFIG_ENV = "OLLAMA_PIPELINE_CONFIG"
+DEFAULT_CONFIG_FILE = "ollama_pipeline.yaml"
+ENV_PREFIX = "OLLAMA_PIPELINE__"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    default: str = Field(min_length=1, description="Model used when no vision/text model is set.")
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    backoff_ms: int = Field(default=500, ge=0, le=600_000)
+
+
+class DeterministicConfig(_Strict):
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    seed: int = Field(default=12345)
+
+
+class OllamaConfig(_Strict):
+    """The seed's `ollama.*` keys, nothing else."""
+
+    base_url: HttpUrl
+    model: ModelConfig
+    timeout_ms: int = Field(ge=100, le=3_600_000)
+    max_image_bytes: int = Field(ge=10_000, le=100_000_000)
+    vision_model: str | None = None
+    text_model: str | None = None
+    retry: RetryConfig = RetryConfig()
+    deterministic: DeterministicConfig = DeterministicConfig()
+
+    def model_for(self, kind: Literal["vision", "text"]) -> str:
+        """The seed's fallback chain: vision_model/text_model, else model.default."""
+        chosen = self.vision_model if kind == "vision" else self.text_model
+        return chosen or self.model.default
+
+    @property
+    def host(self) -> str:
+        return str(self.base_url).rstrip("/")
+
+
+class DatabaseConfig(_Strict):
+    url: str = Field(min_length=1, description="SQLAlchemy URL of the gallery database.")
+    busy_timeout_ms: int = Field(default=30_000, ge=0)
+    lock_retries: int = Field(default=5, ge=0, le=50)
+
+
+class QueueConfig(_Strict):
+    max_queued: int = Field(default=100_000, ge=1)
+    max_queued_per_type: int = Field(default=50_000, ge=1)
+    max_enqueues_per_minute: int = Field(default=100_000, ge=1)
+    lease_seconds: int = Field(default=300, ge=1)
+
+
+class PipelineConfig(_Strict):
+    """Switches and limits the pipeline adds to the seed."""
+
+    concurrency: int = Field(default=4, ge=1, le=256, description="Model calls at once inside one run.")
+    max_pixels: int = Field(default=1_048_576, ge=4096, description="Pixel budget of an image sent to the model.")
+    repair_retries: int = Field(default=1, ge=0, le=3)
+    write_tags: bool = True
+    write_quality_status: bool = True
+    max_tags: int = Field(default=20, ge=1, le=200)
+    duplicate_candidates: int = Field(default=3, ge=0, le=20)
+    queue: QueueConfig = QueueConfig()
+    web_token: str | None = Field(default=None, description="Required by the web UI when bound off loopback.")
+    dagster_ui_url: str = "http://127.0.0.1:3000"
+
+
+class Settings(_Strict):
+    ollama: OllamaConfig
+    database: DatabaseConfig
+    media_root: Path
+    logs_dir: Path = Path("LOGS")
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @field_validator("media_root", "logs_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if path:
+            _set_path(overrides, path, yaml.safe_load(raw) if raw else None)
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "missing":
+            parts.append(f"required key '{key}' is missing")
+        elif item["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"key '{key}': {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(parts)
+
+
+def config_path(env: dict[str, str] | None = None) -> Path:
+    env = dict(os.environ) if env is None else env
+    return Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE)
+
+
+def settings_from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config") -> Settings:
+    """Validate a config tree; relative paths are resolved against base_dir (the config file's folder)."""
+    data = dict(data)
+    if base_dir is not None:
+        for key in ("media_root", "logs_dir"):
+            if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
+                data[key] = str(base_dir / data[key])
+        db = data.get("database")
+        if isinstance(db, dict) and isinstance(db.get("url"), str) and db["url"].startswith("sqlite:///"):
+            rest = db["url"][len("sqlite:///") :]
+            if rest and not rest.startswith("/") and rest != ":memory:":
+                data["database"] = {**db, "url": f"sqlite:///{(base_dir / rest).resolve()}"}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration in {source}: {_describe(exc)}") from None
+
+
+def load_settings(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read the YAML file (OLLAMA_PIPELINE_CONFIG or ./ollama_pipeline.yaml) and apply env overrides."""
+    env = dict(os.environ) if env is None else env
+    file = Path(path) if path is not None else config_path(env)
+    if not file.is_file():
+        raise ConfigError(
+            f"configuration file {file} not found: copy ollama_pipeline.example.yaml to {DEFAULT_CONFIG_FILE} "
+            f"or set {CONFIG_ENV}"
+        )
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"configuration file {file} must hold a mapping at the top level")
+    merged = _merge(loaded, _env_overrides(env))
+    return settings_from_dict(merged, base_dir=file.resolve().parent, source=str(file))

@@ -1,0 +1,72 @@
+"""Engines for SQLite (WAL, busy timeout, immediate write transactions) and PostgreSQL, and `init_db`.
+
+The same code runs on both. SQLite write transactions start with BEGIN IMMEDIATE so that two writers
+fail fast on the lock (then retried) instead of deadlocking on a read-to-write upgrade.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+
+from ollama_pipeline.core.db.models import Base
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def _sqlite_setup(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Reads opened with read_connection() take no write lock; everything else may write.
+        deferred = conn.get_execution_options().get("ollama_read_only", False)
+        conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
+    """A new engine for url; SQLite files get WAL and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        # A pool: opening and closing a SQLite connection per transaction cost ~1.5 ms of CPU per item.
+        engine = create_engine(url, pool_size=8, max_overflow=24, connect_args={"check_same_thread": False})
+        _sqlite_setup(engine, busy_timeout_ms)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def get_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
+    """One engine per URL and process."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url, busy_timeout_ms=busy_timeout_ms)
+        return engine
+
+
+def init_db(engine: Engine) -> list[str]:
+    """Create the tables that do not exist yet; existing gallery tables are used as they are."""
+    existing = set(inspect(engine).get_table_names())
+    Base.metadata.create_all(engine, checkfirst=True)
+    return [t for t in Base.metadata.tables if t not in existing]
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection for reads only: on SQLite its transaction takes no write lock."""
+    return engine.connect().execution_options(ollama_read_only=True)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"

@@ -1,0 +1,1 @@
+"""The seed's job queue (§3): enqueue, claim, lease and process jobs."""

@@ -1,0 +1,877 @@
+"""The job API of the seed (§3): enqueue, claim and process `ollama_jobs`, plus retry, cancel and counts.
+
+Invariants live in the database, not in Python (procrastinate style):
+
+* **Dedupe**: the partial unique index `uq_ollama_jobs_active` on (job_type, media_id) WHERE status IN
+  ('queued', 'running') makes a second active job impossible. `enqueue_ollama` inserts with
+  `ON CONFLICT ... WHERE status IN (...) DO NOTHING` and, when nothing was inserted, returns the job that
+  holds the slot ("deduplicated").
+* **Exactly-once claims**: PostgreSQL claims with `SELECT ... FOR UPDATE SKIP LOCKED` then `UPDATE`;
+  SQLite runs the same two statements inside `BEGIN IMMEDIATE` (the engine starts every transaction that
+  way), which holds the write lock from the select to the commit.
+* **Queue limits** are checked after the insert, in the same transaction, counting the new row; a refused
+  enqueue rolls back. On PostgreSQL enqueues take a transaction-scoped advisory lock first so that
+  concurrent enqueues cannot overshoot a limit together; on SQLite BEGIN IMMEDIATE already serialises them.
+* **Leases**: a claimed job is `running` with `lease_until = now + pipeline.queue.lease_seconds`; the worker
+  renews the lease while the job runs. A lease that ran out means the worker died: the next claim puts the
+  job back to `queued` (or `failed` when it has used all attempts). Every finishing write is fenced on
+  (id, status='running', attempts), so a worker that lost its lease cannot overwrite the new owner's state.
+* **Dagster runs** claim through `claim_jobs` too, then `assign_claims` hands each run's jobs to a worker
+  name of their own; the Dagster layer renews those leases (`renew_claims`) while the run is queued or
+  running and records each outcome with `finish_claimed`, fenced and logged like a worker's.
+* **Backoff**: a `queued` job has no lease, so `lease_until` on a queued job means "not before": a retried
+  job is claimable again only after its backoff (ollama.retry.backoff_ms doubled per attempt, at most 60 s).
+
+Results reach `media_meta` only through `runner.run_item`, which persists through the one write path.
+Every jobs-log line written here carries ts, event, job_id, media_id, job_type, model, attempt,
+duration_ms, prompt_eval_count and eval_count. This module must not import Dagster.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy import Connection, case, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+
+from ollama_pipeline.core.db import repository
+from ollama_pipeline.core.db.models import Media, OllamaJob
+from ollama_pipeline.core.errors import (
+    OllamaPipelineError,
+    PersistenceError,
+    QueueLimitError,
+    ValidationError,
+)
+from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
+from ollama_pipeline.core.runner import ItemOutcome, Pipeline, run_item
+from ollama_pipeline.core.stages import STAGES, get_stage
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE_STATUSES: tuple[str, ...] = ("queued", "running")
+_ACTIVE_WHERE = text("status IN ('queued', 'running')")
+_ENQUEUE_LOCK_KEY = 0x6F6C6C616D61  # "ollama": the advisory lock that serialises enqueues on PostgreSQL
+_MAX_BACKOFF_S = 60.0
+_enrich_lock = threading.Lock()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def default_worker() -> str:
+    """A worker name that is unique per host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---- payloads ------------------------------------------------------------------------------------
+
+
+class JobPayload(BaseModel):
+    """The payload every job type accepts: force a model call, override the model, set a priority."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    force: bool = Field(default=False, description="Call the model even when the inputs did not change.")
+    model: str | None = Field(default=None, min_length=1, max_length=255,
+                              description="Use this model instead of the configured one.")
+    priority: int = Field(default=0, ge=0, le=100, description="Higher runs first (0..100).")
+
+
+# One payload model per job type; every stage uses the common base until one needs more.
+PAYLOAD_MODELS: dict[str, type[JobPayload]] = {job_type: JobPayload for job_type in STAGES}
+
+
+def payload_model(job_type: str) -> type[JobPayload]:
+    """The payload model of a job type (validation.job_type for an unknown one)."""
+    get_stage(job_type)
+    return PAYLOAD_MODELS.get(job_type, JobPayload)
+
+
+def validate_payload(job_type: str, payload: dict[str, Any] | None) -> JobPayload:
+    """Parse a job payload; the error message names every offending field."""
+    model = payload_model(job_type)
+    if payload is None:
+        return model()
+    if not isinstance(payload, dict):
+        raise ValidationError(f"payload for {job_type} must be a JSON object, got {type(payload).__name__}",
+                              code="validation.payload")
+    try:
+        return model.model_validate(payload)
+    except PydanticValidationError as exc:
+        parts = []
+        for item in exc.errors():
+            name = ".".join(str(p) for p in item["loc"]) or "payload"
+            if item["type"] == "extra_forbidden":
+                parts.append(f"field '{name}' is not allowed (allowed: {', '.join(model.model_fields)})")
+            else:
+                parts.append(f"field '{name}': {item['msg']} (got {item.get('input')!r})")
+        raise ValidationError(f"invalid payload for {job_type}: {'; '.join(parts)}", code="validation.payload",
+                              details={"fields": [".".join(str(p) for p in e["loc"]) for e in exc.errors()]}
+                              ) from None
+
+
+# ---- result models -------------------------------------------------------------------------------
+
+
+class Job(BaseModel):
+    """One row of `ollama_jobs`, payload parsed."""
+
+    id: int
+    job_type: str
+    media_id: int
+    payload: dict[str, Any] = Field(default_factory=dict)
+    status: str
+    priority: int = 0
+    attempts: int = 0
+    max_attempts: int = 3
+    lease_until: datetime | None = None
+    worker: str | None = None
+    run_id: str | None = None
+    error_channel: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retryable: bool | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        data = dict(row)
+        loaded = loads_or_none(data.get("payload"))
+        data["payload"] = loaded if isinstance(loaded, dict) else {}
+        return cls.model_validate(data)
+
+    @property
+    def options(self) -> JobPayload:
+        """The stored payload as its model (unknown keys from older versions are dropped)."""
+        model = PAYLOAD_MODELS.get(self.job_type, JobPayload)
+        return model.model_validate({k: v for k, v in self.payload.items() if k in model.model_fields})
+
+
+class EnqueueResult(BaseModel):
+    """What `enqueue_ollama` did: a new queued job, or the id of the active job that already holds the slot."""
+
+    job_id: int
+    status: Literal["queued", "deduplicated"]
+    job_type: str
+    media_id: int
+
+
+class JobOutcome(BaseModel):
+    """What `process_ollama_job` did with one job."""
+
+    job_id: int
+    media_id: int | None = None
+    job_type: str | None = None
+    claimed: bool = Field(description="False when the job was not claimable (done, failed, running elsewhere).")
+    status: str = Field(description="The job's status afterwards: done, queued (retry), failed, running, ...")
+    item_status: str | None = Field(default=None, description="written | unchanged | skipped | failed")
+    attempt: int = 0
+    model: str | None = None
+    duration_ms: float = 0.0
+    prompt_eval_count: int = 0
+    eval_count: int = 0
+    changed_keys: list[str] = Field(default_factory=list)
+    error: dict[str, Any] | None = None
+    lease_lost: bool = False
+    next_attempt_at: datetime | None = None
+
+
+class QueueCounts(BaseModel):
+    """Jobs per status, overall and per job type."""
+
+    total: dict[str, int]
+    by_type: dict[str, dict[str, int]]
+
+
+def tally_outcome(summary: BaseModel, outcome: JobOutcome) -> None:
+    """Count one finished job on a summary with `succeeded`, `retried`, `failed` and `lease_lost` counters."""
+    field = ("lease_lost" if outcome.lease_lost else "succeeded" if outcome.status == "done"
+             else "retried" if outcome.status == "queued" else "failed")
+    setattr(summary, field, getattr(summary, field) + 1)
+
+
+class ProcessSummary(BaseModel):
+    """What one `process_jobs` call did."""
+
+    worker: str
+    processed: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    lease_lost: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+ProgressCallback = Callable[[JobOutcome, int, int], None]
+"""progress(outcome, done, total) after each processed job; total grows when more jobs show up."""
+
+
+# ---- logging helpers ------------------------------------------------------------------------------
+
+
+def _model_for(pipeline: Pipeline, job_type: str, payload: dict[str, Any] | JobPayload | None) -> str | None:
+    override = payload.model if isinstance(payload, JobPayload) else (payload or {}).get("model")
+    if isinstance(override, str) and override:
+        return override
+    stage = STAGES.get(job_type)
+    return pipeline.model_for(stage) if stage is not None else None
+
+
+def _log(pipeline: Pipeline, event: str, *, job_id: int, media_id: int, job_type: str, model: str | None,
+         attempt: int, duration_ms: float = 0.0, prompt_eval_count: int = 0, eval_count: int = 0,
+         **extra: Any) -> None:
+    """One jobs-log line with the fields every job event carries."""
+    pipeline.logs.job_event(event, job_id=job_id, media_id=media_id, job_type=job_type, model=model,
+                            attempt=attempt, duration_ms=round(duration_ms, 1),
+                            prompt_eval_count=prompt_eval_count, eval_count=eval_count, **extra)
+
+
+def _log_job(pipeline: Pipeline, event: str, job: Job, **fields: Any) -> None:
+    _log(pipeline, event, job_id=job.id, media_id=job.media_id, job_type=job.job_type,
+         model=_model_for(pipeline, job.job_type, job.payload), attempt=job.attempts, **fields)
+
+
+def _retries(pipeline: Pipeline) -> int:
+    return pipeline.settings.database.lock_retries
+
+
+# ---- enqueue -------------------------------------------------------------------------------------
+
+
+def _insert_job(conn: Connection, values: dict[str, Any]) -> int | None:
+    """INSERT ... ON CONFLICT (job_type, media_id) WHERE active DO NOTHING; the new id, or None on conflict."""
+    ins = pg_insert(OllamaJob) if conn.dialect.name == "postgresql" else sqlite_insert(OllamaJob)
+    stmt = ins.values(**values).on_conflict_do_nothing(
+        index_elements=["job_type", "media_id"], index_where=_ACTIVE_WHERE).returning(OllamaJob.id)
+    return conn.execute(stmt).scalar()
+
+
+def _check_limits(pipeline: Pipeline, conn: Connection, job_type: str, now: datetime) -> None:
+    """Refuse the enqueue (the caller's transaction rolls back) when a queue limit is exceeded."""
+    q = pipeline.settings.pipeline.queue
+    since = now - timedelta(minutes=1)
+    queued = OllamaJob.status == "queued"
+    row = conn.execute(select(
+        func.coalesce(func.sum(case((queued, 1), else_=0)), 0),
+        func.coalesce(func.sum(case((queued & (OllamaJob.job_type == job_type), 1), else_=0)), 0),
+        func.coalesce(func.sum(case((OllamaJob.created_at >= since, 1), else_=0)), 0),
+    ).where(queued | (OllamaJob.created_at >= since))).one()
+    total, per_type, last_minute = (int(v) for v in row)
+    if total > q.max_queued:
+        raise QueueLimitError(
+            f"queue full: {total - 1} jobs already queued, pipeline.queue.max_queued={q.max_queued}",
+            code="queue_limit.overflow", details={"limit": "max_queued", "value": q.max_queued})
+    if per_type > q.max_queued_per_type:
+        raise QueueLimitError(
+            f"queue full for {job_type}: {per_type - 1} jobs of this type already queued, "
+            f"pipeline.queue.max_queued_per_type={q.max_queued_per_type}",
+            code="queue_limit.overflow_job_type",
+            details={"limit": "max_queued_per_type", "value": q.max_queued_per_type})
+    if last_minute > q.max_enqueues_per_minute:
+        raise QueueLimitError(
+            f"rate limit reached: more than pipeline.queue.max_enqueues_per_minute={q.max_enqueues_per_minute} "
+            f"enqueues in the last minute; try again later", code="queue_limit.rate",
+            details={"limit": "max_enqueues_per_minute", "value": q.max_enqueues_per_minute})
+
+
+def enqueue_ollama(pipeline: Pipeline, job_type: str, media_id: int, payload: dict[str, Any] | None = None,
+                   *, run_id: str | None = None) -> EnqueueResult:
+    """Queue one job (§3); an active job for the same (job_type, media_id) is returned as deduplicated."""
+    started = time.perf_counter()
+    parsed = validate_payload(job_type, payload)
+    if isinstance(media_id, bool) or not isinstance(media_id, int) or media_id < 1:
+        raise ValidationError(f"media_id must be a positive integer, got {media_id!r}", code="validation.payload")
+    model = _model_for(pipeline, job_type, parsed)
+    max_attempts = pipeline.settings.ollama.retry.max_attempts
+
+    def work(conn: Connection) -> tuple[int, bool, str]:
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(literal(_ENQUEUE_LOCK_KEY))))
+        if conn.execute(select(Media.id).where(Media.id == media_id)).first() is None:
+            raise ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
+        # The active job can finish between a refused insert and the select: then insert again.
+        for _ in range(5):
+            now = _now()
+            new_id = _insert_job(conn, {
+                "job_type": job_type, "media_id": media_id, "payload": canonical_json(parsed.model_dump()),
+                "status": "queued", "priority": parsed.priority, "attempts": 0, "max_attempts": max_attempts,
+                "run_id": run_id, "created_at": now, "updated_at": now})
+            if new_id is not None:
+                _check_limits(pipeline, conn, job_type, now)
+                return int(new_id), True, "queued"
+            existing = conn.execute(select(OllamaJob.id, OllamaJob.status).where(
+                OllamaJob.job_type == job_type, OllamaJob.media_id == media_id,
+                OllamaJob.status.in_(ACTIVE_STATUSES))).first()
+            if existing is not None:
+                return int(existing[0]), False, str(existing[1])
+        raise PersistenceError(f"enqueue of {job_type} for media {media_id} kept conflicting with a finishing job",
+                               code="persistence.constraint", retryable=True)
+
+    try:
+        job_id, created, state = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline),
+                                                       what=f"enqueue {job_type} for media {media_id}")
+    except OllamaPipelineError as exc:
+        pipeline.logs.error(exc, job_type=job_type, media_id=media_id, model=model, operation="enqueue")
+        raise
+    duration = (time.perf_counter() - started) * 1000.0
+    if created:
+        _log(pipeline, "enqueued", job_id=job_id, media_id=media_id, job_type=job_type, model=model, attempt=0,
+             duration_ms=duration, priority=parsed.priority, force=parsed.force, run_id=run_id)
+    else:
+        _log(pipeline, "deduplicated", job_id=job_id, media_id=media_id, job_type=job_type, model=model,
+             attempt=0, duration_ms=duration, existing_status=state)
+    return EnqueueResult(job_id=job_id, status="queued" if created else "deduplicated", job_type=job_type,
+                         media_id=media_id)
+
+
+def enqueue_many(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable[int],
+                 payload: dict[str, Any] | None = None) -> list[EnqueueResult]:
+    """Enqueue every (job type, media id) pair in order; stops at the first typed error."""
+    types = list(job_types)
+    return [enqueue_ollama(pipeline, t, m, payload) for m in media_ids for t in types]
+
+
+# ---- leases and claims ---------------------------------------------------------------------------
+
+
+def _expire_leases(conn: Connection, now: datetime) -> list[tuple[str, Job]]:
+    """Running jobs whose lease ran out go back to queued, or to failed once out of attempts."""
+    expired = (OllamaJob.status == "running") & (OllamaJob.lease_until < now)
+    events: list[tuple[str, Job]] = []
+    requeued = conn.execute(update(OllamaJob).where(expired, OllamaJob.attempts < OllamaJob.max_attempts).values(
+        status="queued", lease_until=None, worker=None, updated_at=now).returning(*OllamaJob.__table__.c))
+    events.extend(("requeued", Job.from_row(r)) for r in requeued.mappings())
+    failed = conn.execute(update(OllamaJob).where(expired, OllamaJob.attempts >= OllamaJob.max_attempts).values(
+        status="failed", lease_until=None, finished_at=now, updated_at=now, error_channel="internal",
+        error_code="internal.lease_expired", retryable=False,
+        error_message="the worker's lease ran out on the last attempt (worker stopped or was killed)",
+    ).returning(*OllamaJob.__table__.c))
+    events.extend(("failed", Job.from_row(r)) for r in failed.mappings())
+    return events
+
+
+def _log_expired(pipeline: Pipeline, events: list[tuple[str, Job]]) -> None:
+    for event, job in events:
+        if event == "requeued":
+            _log_job(pipeline, "requeued", job, reason="lease_expired")
+        else:
+            _log_job(pipeline, "failed", job, reason="lease_expired", channel=job.error_channel,
+                     code=job.error_code, retryable=False)
+
+
+def requeue_expired(pipeline: Pipeline) -> int:
+    """Put jobs of dead workers (lease ran out) back in the queue; returns how many changed."""
+    events = repository.with_retry(pipeline.engine, lambda conn: _expire_leases(conn, _now()),
+                                   retries=_retries(pipeline), what="requeue expired leases")
+    _log_expired(pipeline, events)
+    return len(events)
+
+
+def _claim_values(pipeline: Pipeline, worker: str, now: datetime) -> dict[str, Any]:
+    return {"status": "running", "attempts": OllamaJob.attempts + 1, "worker": worker[:128],
+            "lease_until": now + timedelta(seconds=pipeline.settings.pipeline.queue.lease_seconds),
+            "started_at": now, "updated_at": now}
+
+
+def claim_jobs(pipeline: Pipeline, worker: str, limit: int, job_types: Iterable[str] | None = None) -> list[Job]:
+    """Atomically claim up to limit due queued jobs (priority desc, id); expired leases are requeued first."""
+    if limit <= 0:
+        return []
+    types = list(job_types) if job_types is not None else None
+    started = time.perf_counter()
+
+    def work(conn: Connection) -> tuple[list[tuple[str, Job]], list[Job]]:
+        now = _now()
+        events = _expire_leases(conn, now)
+        q = (select(OllamaJob.id)
+             .where(OllamaJob.status == "queued",
+                    (OllamaJob.lease_until.is_(None)) | (OllamaJob.lease_until <= now))
+             .order_by(OllamaJob.priority.desc(), OllamaJob.id).limit(limit)
+             .with_for_update(skip_locked=True))  # rendered on PostgreSQL; SQLite holds BEGIN IMMEDIATE
+        if types is not None:
+            q = q.where(OllamaJob.job_type.in_(types))
+        ids = [r[0] for r in conn.execute(q)]
+        if not ids:
+            return events, []
+        rows = conn.execute(update(OllamaJob).where(OllamaJob.id.in_(ids), OllamaJob.status == "queued")
+                            .values(**_claim_values(pipeline, worker, now))
+                            .returning(*OllamaJob.__table__.c)).mappings()
+        jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.id))
+        return events, jobs
+
+    events, jobs = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="claim jobs")
+    _log_expired(pipeline, events)
+    duration = (time.perf_counter() - started) * 1000.0
+    for job in jobs:
+        waited = (job.started_at - job.created_at).total_seconds() * 1000.0 if job.started_at and job.created_at \
+            else None
+        _log_job(pipeline, "claimed", job, duration_ms=duration, worker=worker, queued_ms=waited)
+    return jobs
+
+
+def _claim_one(pipeline: Pipeline, job_id: int, worker: str) -> tuple[Job | None, Job | None]:
+    """Claim one specific queued job, ignoring its backoff; (claimed job, or None and the current row)."""
+
+    def work(conn: Connection) -> tuple[list[tuple[str, Job]], Job | None, Job | None]:
+        now = _now()
+        events = _expire_leases(conn, now)
+        row = conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "queued")
+                           .values(**_claim_values(pipeline, worker, now))
+                           .returning(*OllamaJob.__table__.c)).mappings().first()
+        if row is not None:
+            return events, Job.from_row(row), None
+        current = conn.execute(select(OllamaJob).where(OllamaJob.id == job_id)).mappings().first()
+        return events, None, Job.from_row(current) if current is not None else None
+
+    events, claimed, current = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline),
+                                                     what=f"claim job {job_id}")
+    _log_expired(pipeline, events)
+    if claimed is None and current is None:
+        raise ValidationError(f"no job with id {job_id}", code="validation.payload")
+    if claimed is not None:
+        _log_job(pipeline, "claimed", claimed, worker=worker)
+    return claimed, current
+
+
+def assign_claims(pipeline: Pipeline, worker: str, assignments: dict[str, list[int]], *, lease_seconds: float,
+                  release: Iterable[int] = ()) -> list[Job]:
+    """Hand jobs claimed by `worker` on to other worker names (one per Dagster run) with a new lease, and put
+    the `release` ones back in the queue as if never claimed; one transaction, fenced on (running, worker).
+
+    Returns the released jobs (each logged as `requeued`, reason `not_launched`).
+    """
+    released_ids = list(release)
+
+    def work(conn: Connection) -> list[Job]:
+        now = _now()
+        mine = (OllamaJob.status == "running") & (OllamaJob.worker == worker[:128])
+        for name, ids in assignments.items():
+            for start in range(0, len(ids), 900):
+                conn.execute(update(OllamaJob).where(mine, OllamaJob.id.in_(ids[start : start + 900]))
+                             .values(worker=name[:128], lease_until=now + timedelta(seconds=lease_seconds),
+                                     updated_at=now))
+        back: list[Job] = []
+        for start in range(0, len(released_ids), 900):
+            rows = conn.execute(update(OllamaJob).where(mine, OllamaJob.id.in_(released_ids[start : start + 900]))
+                                .values(status="queued", attempts=OllamaJob.attempts - 1, worker=None,
+                                        lease_until=None, started_at=None, updated_at=now)
+                                .returning(*OllamaJob.__table__.c)).mappings()
+            back.extend(Job.from_row(r) for r in rows)
+        return back
+
+    released = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="assign claims")
+    for job in released:
+        _log_job(pipeline, "requeued", job, reason="not_launched", worker=worker)
+    return released
+
+
+def claimed_by(pipeline: Pipeline, worker_prefix: str) -> list[Job]:
+    """Running jobs whose worker name starts with worker_prefix (e.g. the claims of Dagster runs), by id."""
+    with pipeline.engine.connect() as conn:
+        rows = conn.execute(select(OllamaJob).where(OllamaJob.status == "running",
+                                                    OllamaJob.worker.startswith(worker_prefix, autoescape=True))
+                            .order_by(OllamaJob.id)).mappings()
+        return [Job.from_row(r) for r in rows]
+
+
+def renew_claims(pipeline: Pipeline, jobs: Iterable[Job], lease_seconds: float) -> int:
+    """Extend the leases of claimed jobs, fenced on (id, running, attempts, worker); returns how many."""
+    claims = [(job.id, job.attempts, job.worker) for job in jobs]
+    if not claims:
+        return 0
+
+    def work(conn: Connection) -> int:
+        until = _now() + timedelta(seconds=lease_seconds)
+        renewed = 0
+        for job_id, attempt, worker in claims:
+            renewed += conn.execute(update(OllamaJob).where(
+                OllamaJob.id == job_id, OllamaJob.status == "running", OllamaJob.attempts == attempt,
+                OllamaJob.worker == worker).values(lease_until=until)).rowcount
+        return renewed
+
+    return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="renew claims")
+
+
+class LeaseKeeper:
+    """Renews the leases of the jobs a worker is running, so only a dead worker's jobs expire."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.interval = max(0.2, pipeline.settings.pipeline.queue.lease_seconds / 3.0)
+        self._jobs: dict[int, int] = {}  # job id -> claimed attempt (the fence)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread = threading.Thread(target=self._run, name="ollama-lease-keeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def track(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job.attempts
+
+    def untrack(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def renew(self) -> None:
+        with self._lock:
+            jobs = dict(self._jobs)
+        if not jobs:
+            return
+        lease = timedelta(seconds=self.pipeline.settings.pipeline.queue.lease_seconds)
+
+        def work(conn: Connection) -> None:
+            now = _now()
+            for job_id, attempt in jobs.items():
+                conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "running",
+                                                     OllamaJob.attempts == attempt)
+                             .values(lease_until=now + lease))
+
+        try:
+            repository.with_retry(self.pipeline.engine, work, retries=_retries(self.pipeline), what="renew leases")
+        except OllamaPipelineError as exc:  # the next renewal tries again; a lost lease is fenced at finish
+            self.pipeline.logs.error(exc, operation="renew_leases", jobs=sorted(jobs))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.renew()
+
+
+# ---- processing ----------------------------------------------------------------------------------
+
+
+def _backoff_s(pipeline: Pipeline, attempt: int) -> float:
+    base = pipeline.settings.ollama.retry.backoff_ms / 1000.0
+    return min(_MAX_BACKOFF_S, base * (2 ** max(0, attempt - 1)))
+
+
+def _finish(pipeline: Pipeline, job: Job, error: dict[str, Any] | None) -> tuple[str | None, datetime | None]:
+    """Record done / queued-for-retry / failed, fenced on the claim; (new status or None if lease lost, not-before)."""
+    retry = bool(error and error.get("retryable")) and job.attempts < job.max_attempts
+
+    def work(conn: Connection) -> tuple[str | None, datetime | None]:
+        now = _now()
+        if error is None:
+            status, values = "done", {"lease_until": None, "finished_at": now, "error_channel": None,
+                                      "error_code": None, "error_message": None, "retryable": None}
+        else:
+            values = {"error_channel": str(error.get("channel") or "internal")[:32],
+                      "error_code": str(error.get("code") or "internal.error")[:64],
+                      "error_message": str(error.get("message") or "")[:2000],
+                      "retryable": bool(error.get("retryable"))}
+            if retry:
+                status = "queued"
+                values.update(lease_until=now + timedelta(seconds=_backoff_s(pipeline, job.attempts)), worker=None)
+            else:
+                status = "failed"
+                values.update(lease_until=None, finished_at=now)
+        result = conn.execute(update(OllamaJob).where(
+            OllamaJob.id == job.id, OllamaJob.status == "running", OllamaJob.attempts == job.attempts)
+            .values(status=status, updated_at=now, **values))
+        if result.rowcount != 1:
+            return None, None
+        return status, values.get("lease_until") if status == "queued" else None
+
+    return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"finish job {job.id}")
+
+
+def _run_claimed(pipeline: Pipeline, job: Job, keeper: LeaseKeeper | None = None) -> JobOutcome:
+    """Run a claimed job's stage through the runner and record the job's new state."""
+    started = time.perf_counter()
+    model = _model_for(pipeline, job.job_type, job.payload)
+    outcome: ItemOutcome | None = None
+    if keeper is not None:
+        keeper.track(job)
+    try:
+        try:
+            stage = get_stage(job.job_type)
+            options = job.options
+            inputs = repository.load_inputs(pipeline.engine, job.media_id)
+            if stage.enrich is not None:
+                with _enrich_lock:
+                    stage.enrich(pipeline, {job.media_id: inputs})
+            state = repository.stage_states(pipeline.engine, stage.job_type, [job.media_id]).get(job.media_id)
+            outcome = run_item(pipeline, stage, inputs, state=state, force=options.force, model=options.model,
+                               job_id=job.id, run_id=job.run_id)
+            error = outcome.error if outcome.status == "failed" else None
+            model = outcome.model or model
+        except OllamaPipelineError as exc:  # before the model call: unknown type, media gone, bad stored payload
+            pipeline.logs.error(exc, job_id=job.id, media_id=job.media_id, job_type=job.job_type, model=model)
+            error = exc.to_dict()
+        except PydanticValidationError as exc:
+            err = ValidationError(f"stored payload of job {job.id} is invalid: {exc.errors()[0]['msg']}",
+                                  code="validation.payload")
+            pipeline.logs.error(err, job_id=job.id, media_id=job.media_id, job_type=job.job_type, model=model)
+            error = err.to_dict()
+        status, not_before = _finish(pipeline, job, error)
+    finally:
+        if keeper is not None:
+            keeper.untrack(job)
+    duration = (time.perf_counter() - started) * 1000.0
+    metrics = outcome.metrics if outcome is not None else None
+    return _report(pipeline, job, status, not_before, error=error, model=model, duration_ms=duration,
+                   item_status=outcome.status if outcome else None,
+                   changed_keys=outcome.changed_keys if outcome else [],
+                   prompt_eval_count=metrics.prompt_eval_count if metrics else 0,
+                   eval_count=metrics.eval_count if metrics else 0, calls=metrics.calls if metrics else 0)
+
+
+def _report(pipeline: Pipeline, job: Job, status: str | None, not_before: datetime | None, *,
+            error: dict[str, Any] | None, model: str | None, duration_ms: float, item_status: str | None,
+            changed_keys: list[str], prompt_eval_count: int, eval_count: int, calls: int,
+            **extra: Any) -> JobOutcome:
+    """The JobOutcome of a finished claim and its one jobs-log line (succeeded, retried, failed, lease_lost)."""
+    common = {"job_id": job.id, "media_id": job.media_id, "job_type": job.job_type, "model": model,
+              "attempt": job.attempts, "duration_ms": duration_ms, "prompt_eval_count": prompt_eval_count,
+              "eval_count": eval_count}
+    result = JobOutcome(claimed=True, status=status or "running", item_status=item_status,
+                        changed_keys=changed_keys, error=error, lease_lost=status is None,
+                        next_attempt_at=not_before, **common)
+    err_fields = {"channel": error.get("channel"), "code": error.get("code"), "retryable": error.get("retryable"),
+                  "message": error.get("message")} if error else {}
+    if status is None:
+        _log(pipeline, "lease_lost", **common, **err_fields, **extra)
+    elif status == "done":
+        _log(pipeline, "succeeded", **common, item_status=result.item_status, changed_keys=result.changed_keys,
+             calls=calls, **extra)
+    elif status == "queued":
+        _log(pipeline, "retried", **common, **err_fields, max_attempts=job.max_attempts,
+             next_attempt_at=not_before.isoformat(timespec="milliseconds") + "Z" if not_before else None, **extra)
+    else:
+        _log(pipeline, "failed", **common, **err_fields, max_attempts=job.max_attempts, **extra)
+    return result
+
+
+def finish_claimed(pipeline: Pipeline, job: Job, error: dict[str, Any] | None, *, item_status: str | None = None,
+                   model: str | None = None, duration_ms: float = 0.0, prompt_eval_count: int = 0,
+                   eval_count: int = 0, changed_keys: Iterable[str] = (), calls: int = 0,
+                   **extra: Any) -> JobOutcome:
+    """Record the outcome of a claimed job that ran elsewhere (a Dagster run), exactly as a worker records it.
+
+    error None means done; a retryable error requeues the job with backoff while attempts remain, any other
+    error fails it. The write is fenced on the claim (id, running, attempts), and one jobs-log line is written.
+    """
+    model = model or _model_for(pipeline, job.job_type, job.payload)
+    status, not_before = _finish(pipeline, job, error)
+    return _report(pipeline, job, status, not_before, error=error, model=model, duration_ms=duration_ms,
+                   item_status=item_status, changed_keys=list(changed_keys), prompt_eval_count=prompt_eval_count,
+                   eval_count=eval_count, calls=calls, **extra)
+
+
+def process_ollama_job(pipeline: Pipeline, job_id: int, *, worker: str | None = None) -> JobOutcome:
+    """Claim one job (queued, or running with an expired lease), run its stage and record the outcome."""
+    worker = worker or default_worker()
+    claimed, current = _claim_one(pipeline, job_id, worker)
+    if claimed is None:
+        assert current is not None
+        return JobOutcome(job_id=current.id, media_id=current.media_id, job_type=current.job_type, claimed=False,
+                          status=current.status, attempt=current.attempts,
+                          model=_model_for(pipeline, current.job_type, current.payload))
+    with LeaseKeeper(pipeline) as keeper:
+        return _run_claimed(pipeline, claimed, keeper)
+
+
+def _next_due(pipeline: Pipeline, job_types: list[str] | None) -> datetime | None:
+    """When the earliest queued job in backoff becomes claimable (None: no such job)."""
+    with pipeline.engine.connect() as conn:
+        q = select(func.min(OllamaJob.lease_until)).where(OllamaJob.status == "queued",
+                                                          OllamaJob.lease_until.is_not(None))
+        if job_types is not None:
+            q = q.where(OllamaJob.job_type.in_(job_types))
+        return conn.execute(q).scalar()
+
+
+def _count_queued(pipeline: Pipeline, job_types: list[str] | None) -> int:
+    with pipeline.engine.connect() as conn:
+        q = select(func.count()).select_from(OllamaJob).where(OllamaJob.status == "queued")
+        if job_types is not None:
+            q = q.where(OllamaJob.job_type.in_(job_types))
+        return int(conn.execute(q).scalar() or 0)
+
+
+def process_jobs(pipeline: Pipeline, worker: str | None = None, *, limit: int | None = None,
+                 concurrency: int | None = None, job_types: Iterable[str] | None = None,
+                 progress: ProgressCallback | None = None, wait_for_retries: bool = True) -> ProcessSummary:
+    """Drain the queue with a thread pool: claim as many jobs as there are free threads, run, repeat.
+
+    Returns when no job is claimable, nothing is running here and (with wait_for_retries) no queued job
+    waits for its backoff; or after `limit` claims.
+    """
+    worker = worker or default_worker()
+    threads = max(1, concurrency or pipeline.settings.pipeline.concurrency)
+    types = list(job_types) if job_types is not None else None
+    summary = ProcessSummary(worker=worker)
+    started = time.perf_counter()
+    total = _count_queued(pipeline, types)
+    if limit is not None:
+        total = min(total, limit)
+    claimed_count = 0
+    inflight: dict[Future[JobOutcome], Job] = {}
+    with LeaseKeeper(pipeline) as keeper, ThreadPoolExecutor(max_workers=threads,
+                                                             thread_name_prefix="ollama-job") as pool:
+        while True:
+            room = threads - len(inflight)
+            if limit is not None:
+                room = min(room, limit - claimed_count)
+            claimed: list[Job] = []
+            if room > 0:
+                try:
+                    claimed = claim_jobs(pipeline, worker, room, types)
+                except PersistenceError as exc:  # a busy database: finish what runs, claim again later
+                    if not inflight:
+                        raise
+                    pipeline.logs.error(exc, worker=worker, operation="claim")
+                for job in claimed:
+                    keeper.track(job)
+                    inflight[pool.submit(_run_claimed, pipeline, job, keeper)] = job
+                claimed_count += len(claimed)
+                total = max(total, summary.processed + len(inflight))
+            if not inflight:
+                if limit is not None and claimed_count >= limit:
+                    break
+                due = _next_due(pipeline, types) if wait_for_retries else None
+                if due is None:
+                    break
+                time.sleep(min(1.0, max(0.01, (due - _now()).total_seconds())))
+                continue
+            done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = inflight.pop(fut)
+                try:
+                    outcome = fut.result()
+                except OllamaPipelineError as exc:  # recording the outcome failed: the lease will expire
+                    pipeline.logs.error(exc, job_id=job.id, media_id=job.media_id, job_type=job.job_type,
+                                        worker=worker)
+                    summary.errors += 1
+                    keeper.untrack(job)
+                    continue
+                summary.processed += 1
+                tally_outcome(summary, outcome)
+                if progress is not None:
+                    progress(outcome, summary.processed, max(total, summary.processed + len(inflight)))
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+# ---- management ----------------------------------------------------------------------------------
+
+
+def get_job(pipeline: Pipeline, job_id: int) -> Job:
+    """One job row (validation.payload when there is none)."""
+    with pipeline.engine.connect() as conn:
+        row = conn.execute(select(OllamaJob).where(OllamaJob.id == job_id)).mappings().first()
+    if row is None:
+        raise ValidationError(f"no job with id {job_id}", code="validation.payload")
+    return Job.from_row(row)
+
+
+def retry_job(pipeline: Pipeline, job_id: int) -> Job:
+    """Put a failed or cancelled job back in the queue with its attempts reset (no queue limits apply)."""
+
+    def work(conn: Connection) -> Job:
+        now = _now()
+        current = conn.execute(select(OllamaJob).where(OllamaJob.id == job_id)).mappings().first()
+        if current is None:
+            raise ValidationError(f"no job with id {job_id}", code="validation.payload")
+        try:
+            with conn.begin_nested():  # the partial unique index decides, in a savepoint
+                row = conn.execute(update(OllamaJob).where(OllamaJob.id == job_id,
+                                                           OllamaJob.status.in_(("failed", "cancelled")))
+                                   .values(status="queued", attempts=0, lease_until=None, worker=None,
+                                           finished_at=None, started_at=None, updated_at=now)
+                                   .returning(*OllamaJob.__table__.c)).mappings().first()
+        except IntegrityError:
+            other = conn.execute(select(OllamaJob.id, OllamaJob.status).where(
+                OllamaJob.job_type == current["job_type"], OllamaJob.media_id == current["media_id"],
+                OllamaJob.status.in_(ACTIVE_STATUSES))).first()
+            raise PersistenceError(
+                f"job {job_id} cannot be requeued: job {other[0] if other else '?'} "
+                f"({current['job_type']} for media {current['media_id']}) is already "
+                f"{other[1] if other else 'active'}", code="persistence.constraint") from None
+        if row is None:
+            raise ValidationError(f"job {job_id} is {current['status']}; only failed or cancelled jobs can be "
+                                  f"retried", code="validation.payload")
+        return Job.from_row(row)
+
+    job = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"retry job {job_id}")
+    _log_job(pipeline, "requeued", job, reason="manual_retry")
+    return job
+
+
+def cancel_job(pipeline: Pipeline, job_id: int) -> Job:
+    """Cancel a queued job (running jobs finish; done/failed jobs stay as they are)."""
+
+    def work(conn: Connection) -> Job:
+        now = _now()
+        row = conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "queued")
+                           .values(status="cancelled", lease_until=None, finished_at=now, updated_at=now)
+                           .returning(*OllamaJob.__table__.c)).mappings().first()
+        if row is not None:
+            return Job.from_row(row)
+        current = conn.execute(select(OllamaJob.status).where(OllamaJob.id == job_id)).scalar()
+        if current is None:
+            raise ValidationError(f"no job with id {job_id}", code="validation.payload")
+        raise ValidationError(f"job {job_id} is {current}; only queued jobs can be cancelled",
+                              code="validation.payload")
+
+    job = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"cancel job {job_id}")
+    _log_job(pipeline, "cancelled", job)
+    return job
+
+
+def list_jobs(pipeline: Pipeline, status: str | None = None, job_type: str | None = None,
+              media_id: int | None = None, limit: int = 50) -> list[Job]:
+    """The newest jobs first, filtered by status, job type and media id."""
+    if status is not None and status not in JOB_STATUSES:
+        raise ValidationError(f"unknown job status {status!r}; known: {', '.join(JOB_STATUSES)}",
+                              code="validation.payload")
+    q = select(OllamaJob).order_by(OllamaJob.id.desc()).limit(max(1, limit))
+    if status is not None:
+        q = q.where(OllamaJob.status == status)
+    if job_type is not None:
+        q = q.where(OllamaJob.job_type == job_type)
+    if media_id is not None:
+        q = q.where(OllamaJob.media_id == media_id)
+    with pipeline.engine.connect() as conn:
+        return [Job.from_row(r) for r in conn.execute(q).mappings()]
+
+
+def queue_counts(pipeline: Pipeline) -> QueueCounts:
+    """Jobs per status, overall and per job type (every status present, zeros included)."""
+    with pipeline.engine.connect() as conn:
+        rows = conn.execute(select(OllamaJob.job_type, OllamaJob.status, func.count())
+                            .group_by(OllamaJob.job_type, OllamaJob.status)).all()
+    total = dict.fromkeys(JOB_STATUSES, 0)
+    by_type: dict[str, dict[str, int]] = {}
+    for job_type, status, count in rows:
+        total[status] = total.get(status, 0) + int(count)
+        by_type.setdefault(job_type, dict.fromkeys(JOB_STATUSES, 0))[status] = int(count)
+    return QueueCounts(total=total, by_type=dict(sorted(by_type.items())))
