@@ -438,6 +438,50 @@ def test_seed_api_enqueues_processes_and_persists_through_the_default_pipeline(
     assert caught.value.code == "validation.payload" and "ollama.quality" in caught.value.message
 
 
+def test_persist_ollama_result_refuses_invalid_values_and_provenance_keys_and_stores_nothing(
+        sqlite_url: str, settings_factory: Callable[..., Settings], default_pipeline_reset: None) -> None:
+    """persist_ollama_result validates every value against its stored schema and refuses ollama.model & co."""
+    settings = settings_factory(sqlite_url)
+    pipeline = _pipeline(settings)
+    api.set_default_pipeline(pipeline)
+    (media_id,) = _add_media(pipeline.engine, settings.media_root, 1)
+    base = {"stage": "ollama_caption", "model": "m", "version": "v", "fingerprint": "f",
+            "ran_at": "2025-01-01T00:00:00Z"}
+    good = {"ollama.caption": {"text": "A fox."}, "ollama.description": {"text": "A red fox in snow."}}
+
+    def meta_rows() -> list[tuple[str, str]]:
+        with pipeline.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(select(MediaMeta.key, MediaMeta.value)
+                                                   .where(MediaMeta.media_id == media_id).order_by(MediaMeta.key))]
+
+    bad_outputs = [
+        ({"meta": {**good, "ollama.caption": "NOT AN OBJECT"}}, "validation.stored_value", "ollama.caption"),
+        ({"meta": {**good, "ollama.model": 5}}, "validation.payload", "ollama.model"),
+        ({"meta": {**good, "ollama.last_run_at": {"ollama_caption": "x"}}}, "validation.payload",
+         "ollama.last_run_at"),
+        ({"meta": {**good, "ollama.description": {"text": ""}}}, "validation.stored_value", "ollama.description"),
+    ]
+    for output, code, named in bad_outputs:
+        with pytest.raises(ValidationError) as caught:
+            api.persist_ollama_result(media_id, {**base, "output": output})
+        assert caught.value.code == code and named in caught.value.message
+        assert meta_rows() == []
+    quality = {"stage": "ollama_quality", **{k: v for k, v in base.items() if k != "stage"},
+               "output": {"meta": {"ollama.quality": {"score": 0.5, "verdict": "ok", "issues": [], "summary": "s"}},
+                          "quality": {"status": "great", "score": 7}}}
+    with pytest.raises(ValidationError) as caught:
+        api.persist_ollama_result(media_id, quality)
+    assert caught.value.code == "validation.stored_value" and meta_rows() == []
+
+    changed = api.persist_ollama_result(media_id, {**base, "output": {"meta": good}})["changed_keys"]
+    assert sorted(changed) == sorted(set(changed))
+    assert set(changed) == {"ollama.caption", "ollama.description", "ollama.model", "ollama.version",
+                            "ollama.last_run_at"}
+    stored = dict(meta_rows())
+    assert json.loads(stored["ollama.caption"]) == {"text": "A fox."}
+    assert json.loads(stored["ollama.model"]) == {"ollama_caption": "m"}
+
+
 # ---- logs after a chaos run ----------------------------------------------------------------------
 
 

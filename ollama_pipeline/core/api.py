@@ -59,9 +59,15 @@ def persist_ollama_result(media_id: int, result: StageResult | dict[str, Any]) -
         field = ".".join(str(p) for p in first["loc"]) or "result"
         raise ValidationError(f"invalid result: field '{field}': {first['msg']}", code="validation.payload") from None
     stage = get_stage(parsed.stage)
-    allowed = set(stage.writes) | set(COMMON_KEYS)
-    foreign = sorted(k for k in parsed.output.meta if k not in allowed)
+    provenance = sorted(k for k in parsed.output.meta if k in COMMON_KEYS)
+    if provenance:
+        raise ValidationError(f"{', '.join(provenance)} {'is' if len(provenance) == 1 else 'are'} written by the "
+                              f"pipeline itself (from the result's model, version and ran_at); leave "
+                              f"{'it' if len(provenance) == 1 else 'them'} out of output.meta",
+                              code="validation.payload")
+    foreign = sorted(k for k in parsed.output.meta if k not in stage.writes)
     if foreign:
         raise ValidationError(f"stage {stage.job_type} may not write {', '.join(foreign)} "
                               f"(it writes {', '.join(stage.writes)})", code="validation.payload")
+    # Pipeline.persist validates every value against its key's stored schema before anything is written.
     return default_pipeline().persist(media_id, parsed)

@@ -72,6 +72,8 @@ class Pipeline:
                              think=False)
 
     def persist(self, media_id: int, result: StageResult) -> dict[str, Any]:
+        """The one write path: the result is checked against the stored schemas, then written."""
+        check_stored(get_stage(result.stage), result.output)
         p = self.settings.pipeline
         return repository.persist_result(self.engine, media_id, result, write_tags=p.write_tags,
                                          write_quality_status=p.write_quality_status,
@@ -117,6 +119,9 @@ def _call_model(pipeline: Pipeline, stage: Stage, request: ModelRequest, images_
             prompt = repair_prompt(request.prompt, exc)
 
 
+_QUALITY_VERDICTS = ("ok", "needs_review", "rejected")
+
+
 def check_stored(stage: Stage, output: StageOutput) -> None:
     """Every value a stage built matches its key's stored schema, before anything is written."""
     for key, value in output.meta.items():
@@ -130,6 +135,14 @@ def check_stored(stage: Stage, output: StageOutput) -> None:
             fields = sorted({".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()})
             raise ValidationError(f"stage {stage.job_type} built an invalid {key} value: fields {', '.join(fields[:8])}",
                                   code="validation.stored_value") from None
+    for tag in output.tags or []:
+        if not tag.name.strip() or not (0 <= tag.confidence <= 1 and 0 <= tag.weight <= 1):
+            raise ValidationError(f"stage {stage.job_type} built an invalid tag {tag.name!r}: the name must not be "
+                                  f"empty and confidence and weight lie in 0..1", code="validation.stored_value")
+    if output.quality is not None and (output.quality.status not in _QUALITY_VERDICTS
+                                       or not 0 <= output.quality.score <= 1):
+        raise ValidationError(f"stage {stage.job_type} built an invalid quality update: status must be one of "
+                              f"{', '.join(_QUALITY_VERDICTS)} and score lie in 0..1", code="validation.stored_value")
 
 
 def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, output: StageOutput, *, model: str,
@@ -137,7 +150,6 @@ def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, outpu
                     run_id: str | None) -> ItemOutcome:
     """Check, persist and log one built output (from the model's answers, or refreshed from stored values)."""
     media_id = inputs.media.id
-    check_stored(stage, output)
     metrics.wall_ms = (time.perf_counter() - started) * 1000.0
     result = StageResult(stage=stage.job_type, model=model, model_digest=pipeline.client.model_digest(model),
                          version=stage.version, fingerprint=fingerprint, output=output, metrics=metrics,
