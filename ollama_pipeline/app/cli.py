@@ -54,9 +54,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
     from ollama_pipeline.core.client import OllamaClient
 
     settings = settings_from_args(args)
-    client = OllamaClient(settings.ollama)
+    client = OllamaClient(settings.ollama, default_slots=settings.pipeline.concurrency)
     health = client.health()
-    print(health.model_dump_json())
+    print(health.model_dump_json(exclude={"hosts"}))
+    for host in health.hosts:
+        state = f"up (version {host.version}, {host.latency_ms:.0f} ms)" if host.ok else f"DOWN ({host.error_code})"
+        serves = ", ".join(host.models) if host.models is not None else "every model"
+        print(f"host {host.base_url}: {state}; weight {host.weight:g}, {host.slots} slot(s), serves {serves}")
     if health.ok:
         models = client.list_models()
         print("models: " + (", ".join(models.names()) or "(none)"))
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    parents=[emulator_parser(add_help=False)], conflict_handler="resolve").set_defaults(
         handler=_cmd_emulator)
 
-    p = sub.add_parser("health", help="check that Ollama answers and list its models")
+    p = sub.add_parser("health", help="check that every Ollama host answers and list the models")
     p.set_defaults(handler=_cmd_health)
 
     p = sub.add_parser("run", help="materialize stages for media items through Dagster (one run over many items)")

@@ -2,7 +2,9 @@
 
 `generate_text`, `analyze_image`, `health` and `list_models` return typed models. One private method,
 `_call`, is the single place where transport and HTTP failures become the seed's typed errors (§6) and
-where retries with backoff happen (connect errors, timeouts, 5xx and 503 only; never 4xx).
+where retries with backoff happen (connect errors, timeouts, 5xx and 503 only; never 4xx). With several
+hosts (`ollama.hosts`), `_call` asks the pool of core/hosts.py which host serves a call and moves a call
+whose host failed its health check to the item's next host.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from ollama_pipeline.core.config import OllamaConfig
 from ollama_pipeline.core.errors import InvalidResponseFormatError, NetworkError, OllamaPipelineError
+from ollama_pipeline.core.hosts import RECHECK_S, Host, HostPool, SlotGate, model_key
 from ollama_pipeline.core.logs import redact_text
 
 T = TypeVar("T")
@@ -60,6 +63,24 @@ class OllamaVisionResponse(OllamaTextResponse):
     images: int = 1
 
 
+class HostHealth(BaseModel):
+    """One host's answer to the health check, with this process's counters for it."""
+
+    ok: bool
+    base_url: str
+    version: str | None = None
+    latency_ms: float | None = None
+    error_code: str | None = None
+    error: str | None = None
+    weight: float | None = None
+    slots: int | None = None
+    models: list[str] | None = None
+    calls: int = 0
+    ok_calls: int = 0
+    failed: int = 0
+    calls_per_s: float | None = None
+
+
 class OllamaHealthResponse(BaseModel):
     ok: bool
     base_url: str
@@ -67,6 +88,7 @@ class OllamaHealthResponse(BaseModel):
     latency_ms: float | None = None
     error_code: str | None = None
     error: str | None = None
+    hosts: list[HostHealth] = Field(default_factory=list)
 
 
 class OllamaModel(BaseModel):
@@ -99,31 +121,52 @@ def split_credentials(base_url: str) -> tuple[str, dict[str, str]]:
 
 
 class OllamaClient:
-    """One per process: wraps `ollama.Client` (creating one costs ~50 ms) with typed errors and retries."""
+    """One per process: wraps one `ollama.Client` per host (creating one costs ~50 ms) with typed errors,
+    retries, and the host pool of core/hosts.py (stickiness, slots, failover)."""
 
     def __init__(self, config: OllamaConfig, *, headers: dict[str, str] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, default_slots: int = 4,
+                 gate: SlotGate | None = None, recheck_s: float = RECHECK_S) -> None:
         self.config = config
-        self.base_url, auth = split_credentials(config.host)
-        self._headers = {**auth, **(headers or {})}
+        self.base_url, _ = split_credentials(config.host)
+        self._extra_headers = dict(headers or {})
         self._sleep = sleep
-        self._clients: dict[int, ollama.Client] = {}
+        self._clients: dict[tuple[int, int], ollama.Client] = {}
+        self._auth: dict[int, dict[str, str]] = {}
         self._lock = threading.Lock()
         self._digests: dict[str, str | None] = {}
         self._capabilities: dict[str, list[str]] = {}
+        self.pool = HostPool(self._hosts(default_slots), self._probe, recheck_s=recheck_s, gate=gate)
+
+    def _hosts(self, default_slots: int) -> list[Host]:
+        entries = {h.host: h for h in self.config.hosts}
+        order = [self.config.host] + [h for h in entries if h != self.config.host]
+        hosts = []
+        for index, url in enumerate(dict.fromkeys(order)):
+            entry = entries.get(url)
+            clean, auth = split_credentials(url)
+            self._auth[index] = auth
+            models = frozenset(model_key(m) for m in entry.models) if entry and entry.models is not None else None
+            hosts.append(Host(index=index, base_url=clean, weight=entry.weight if entry else 1.0,
+                              slots=(entry.parallel if entry and entry.parallel else default_slots),
+                              models=models))
+        return hosts
 
     # ---- transport -----------------------------------------------------------------------------
 
-    def _client(self, timeout_ms: int | None = None) -> ollama.Client:
+    def _client(self, timeout_ms: int | None = None, host: Host | None = None) -> ollama.Client:
+        host = host or self.pool.hosts[0]
         timeout = timeout_ms or self.config.timeout_ms
         with self._lock:
-            client = self._clients.get(timeout)
+            client = self._clients.get((host.index, timeout))
             if client is None:
-                client = ollama.Client(host=self.base_url, timeout=timeout / 1000.0, headers=self._headers)
-                self._clients[timeout] = client
+                client = ollama.Client(host=host.base_url, timeout=timeout / 1000.0,
+                                       headers={**self._auth[host.index], **self._extra_headers})
+                self._clients[(host.index, timeout)] = client
             return client
 
-    def _map_error(self, exc: Exception, model: str | None) -> OllamaPipelineError:
+    def _map_error(self, exc: Exception, model: str | None, host: Host | None = None) -> OllamaPipelineError:
+        base_url = host.base_url if host is not None else self.base_url
         if isinstance(exc, OllamaPipelineError):
             return exc
         if isinstance(exc, httpx.TimeoutException):
@@ -147,31 +190,72 @@ class OllamaClient:
             return InvalidResponseFormatError(f"Ollama refused the request (HTTP {status}): {message}",
                                               code="invalid_response_format.bad_request", http_status=status)
         if isinstance(exc, ConnectionError | httpx.TransportError):
-            return NetworkError(f"cannot reach Ollama at {redact_text(self.base_url)}: {type(exc).__name__}",
+            return NetworkError(f"cannot reach Ollama at {redact_text(base_url)}: {type(exc).__name__}",
                                 code="network.connect")
         raise exc
 
-    def _call(self, fn: Callable[[ollama.Client], T], *, model: str | None, timeout_ms: int | None = None
-              ) -> tuple[T, int]:
-        """Run fn with retries on retryable failures; return (result, attempts)."""
+    def _probe(self, host: Host) -> bool:
+        """The host answers /api/version within a short timeout."""
+        try:
+            client = self._client(min(self.config.timeout_ms, 2000), host)
+            client._request_raw("GET", "/api/version")
+            return True
+        except Exception:  # any failure means the host is not usable now
+            return False
+
+    def _call(self, fn: Callable[[ollama.Client], T], *, model: str | None, timeout_ms: int | None = None,
+              affinity: str | None = None, metered: bool = True) -> tuple[T, int]:
+        """Run fn on the item's host with retries; a host that fails its health check is left for another
+        (that move does not use up an attempt). Return (result, calls made)."""
         attempts = max(1, self.config.retry.max_attempts)
         backoff = self.config.retry.backoff_ms / 1000.0
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        calls = 0
+        moves = 0
+        while True:
+            host, token = self.pool.acquire(model, affinity) if metered else (self.pool.pick(model), None)
+            started = time.perf_counter()
+            calls += 1
             try:
-                return fn(self._client(timeout_ms)), attempt
+                result = fn(self._client(timeout_ms, host))
             except Exception as exc:  # mapped below; unknown exceptions re-raise unchanged
-                error = self._map_error(exc, model)
-                error.details.setdefault("attempts", attempt)
-                error.details["attempts"] = attempt
-                if not error.retryable or attempt == attempts:
+                busy = time.perf_counter() - started
+                try:
+                    error = self._map_error(exc, model, host)
+                except Exception:
+                    if metered:
+                        self.pool.release(host, token, ok=False, busy_s=busy, error=type(exc).__name__)
+                    raise
+                if metered:
+                    self.pool.release(host, token, ok=False, busy_s=busy, error=error.code,
+                                      suspect=error.retryable and error.code != "network.busy")
+                error.details["attempts"] = calls
+                if len(self.pool.hosts) > 1:
+                    error.details["host"] = host.label
+                if not error.retryable:
+                    raise error from None
+                if (len(self.pool.hosts) > 1 and error.code != "network.busy" and moves < len(self.pool.hosts)
+                        and not self.pool.check(host) and self.pool.has_alternative(host, model)):
+                    moves += 1  # the host is down: the call moves to the item's next host at once
+                    continue
+                attempt += 1
+                if attempt >= attempts:
                     raise error from None
                 self._sleep(backoff * (2 ** (attempt - 1)))
-        raise AssertionError("unreachable")
+                continue
+            if not metered:
+                return result, calls
+            busy = time.perf_counter() - started
+            self.pool.release(host, token, ok=True, busy_s=busy,
+                              prompt_tokens=getattr(result, "prompt_eval_count", None) or 0,
+                              output_tokens=getattr(result, "eval_count", None) or 0,
+                              model_s=(getattr(result, "total_duration", None) or 0) / 1e9)
+            return result, calls
 
     # ---- the seed's API (§7) -------------------------------------------------------------------
 
     def _generate(self, prompt: str, options: OllamaOptions, images: Sequence[str] | None,
-                  system: str | None) -> tuple[OllamaTextResponse, int]:
+                  system: str | None, affinity: str | None) -> tuple[OllamaTextResponse, int]:
         think = options.think if options.think is not None and self.supports_thinking(options.model) else None
         started = time.perf_counter()
 
@@ -180,7 +264,7 @@ class OllamaClient:
                                    images=list(images) if images else None, format=options.format or None,
                                    options=options.ollama_options(), stream=False, think=think)
 
-        raw, attempts = self._call(call, model=options.model, timeout_ms=options.timeout_ms)
+        raw, attempts = self._call(call, model=options.model, timeout_ms=options.timeout_ms, affinity=affinity)
         return OllamaTextResponse(
             model=raw.model or options.model,
             text=raw.response or "",
@@ -193,40 +277,56 @@ class OllamaClient:
             attempts=attempts,
         ), attempts
 
-    def generate_text(self, prompt: str, options: OllamaOptions, *, system: str | None = None
-                      ) -> OllamaTextResponse:
-        """A text-only completion."""
-        response, _ = self._generate(prompt, options, None, system)
+    def generate_text(self, prompt: str, options: OllamaOptions, *, system: str | None = None,
+                      affinity: str | None = None) -> OllamaTextResponse:
+        """A text-only completion; calls with the same affinity (a media item) go to the same host."""
+        response, _ = self._generate(prompt, options, None, system, affinity)
         return response
 
     def analyze_image(self, image_b64: str | Sequence[str], prompt: str, options: OllamaOptions, *,
-                      system: str | None = None) -> OllamaVisionResponse:
+                      system: str | None = None, affinity: str | None = None) -> OllamaVisionResponse:
         """A completion about one image (or several, e.g. a duplicate pair) sent as base64."""
         images = [image_b64] if isinstance(image_b64, str) else list(image_b64)
-        response, _ = self._generate(prompt, options, images, system)
+        response, _ = self._generate(prompt, options, images, system, affinity)
         data = response.model_dump() | {"images": len(images), "image_bytes": sum(len(i) for i in images)}
         return OllamaVisionResponse(**data)
 
-    def health(self) -> OllamaHealthResponse:
-        """Is Ollama reachable? Never raises; one attempt with a short timeout."""
+    def _host_health(self, host: Host) -> HostHealth:
         started = time.perf_counter()
         try:
-            client = self._client(min(self.config.timeout_ms, 5000))
+            client = self._client(min(self.config.timeout_ms, 5000), host)
             version = client._request_raw("GET", "/api/version").json().get("version")
-            return OllamaHealthResponse(ok=True, base_url=redact_text(self.base_url), version=version,
-                                        latency_ms=(time.perf_counter() - started) * 1000.0)
+            return HostHealth(ok=True, base_url=host.label, version=version,
+                              latency_ms=(time.perf_counter() - started) * 1000.0)
         except Exception as exc:
             try:
-                error = self._map_error(exc, None)
+                error = self._map_error(exc, None, host)
             except Exception as other:  # anything unexpected still means "not healthy"
-                return OllamaHealthResponse(ok=False, base_url=redact_text(self.base_url),
-                                            error_code="network.connect", error=type(other).__name__)
-            return OllamaHealthResponse(ok=False, base_url=redact_text(self.base_url), error_code=error.code,
-                                        error=error.message)
+                return HostHealth(ok=False, base_url=host.label, error_code="network.connect",
+                                  error=type(other).__name__)
+            return HostHealth(ok=False, base_url=host.label, error_code=error.code, error=error.message)
+
+    def health(self) -> OllamaHealthResponse:
+        """Is Ollama reachable? Never raises; one attempt per host with a short timeout. ok when any host
+        answers; the first host's answer fills the top-level fields, every host's is in `hosts`."""
+        checks = [self._host_health(h) for h in self.pool.hosts]
+        hosts = [check.model_copy(update={
+            "weight": row["weight"], "slots": row["slots"], "models": row["models"], "calls": row["calls"],
+            "ok_calls": row["ok"], "failed": row["failed"], "calls_per_s": row["calls_per_s"]})
+            for check, row in zip(checks, self.pool.snapshot(), strict=True)]
+        best = next((c for c in checks if c.ok), checks[0])
+        first = checks[0]
+        return OllamaHealthResponse(ok=best.ok, base_url=first.base_url, version=best.version,
+                                    latency_ms=best.latency_ms, error_code=None if best.ok else first.error_code,
+                                    error=None if best.ok else first.error, hosts=hosts)
+
+    def host_stats(self) -> list[dict[str, Any]]:
+        """Per-host calls, failures, busy and model time of this process (for run metadata)."""
+        return self.pool.snapshot()
 
     def list_models(self) -> OllamaModelsResponse:
         """Installed models with their digests (from /api/tags)."""
-        raw, _ = self._call(lambda c: c.list(), model=None)
+        raw, _ = self._call(lambda c: c.list(), model=None, metered=False)
         models = []
         for m in raw.models:
             details = m.details
@@ -254,7 +354,7 @@ class OllamaClient:
         with self._lock:
             caps = self._capabilities.get(model)
         if caps is None:
-            raw, _ = self._call(lambda c: c.show(model), model=model)
+            raw, _ = self._call(lambda c: c.show(model), model=model, metered=False)
             caps = list(getattr(raw, "capabilities", None) or [])
             with self._lock:
                 self._capabilities[model] = caps

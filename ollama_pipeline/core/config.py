@@ -1,6 +1,7 @@
 """Configuration (§4): one pydantic model, read once from YAML plus environment overrides.
 
-The `ollama` section holds exactly the seed's keys. Everything the pipeline adds lives under `database`,
+The `ollama` section holds the seed's keys plus what several hosts and a real model server need
+(`hosts`, `keep_alive`, `num_ctx`, `warm_up`). Everything else the pipeline adds lives under `database`,
 `media_root`, `logs_dir` and `pipeline`. Environment variables override the file:
 `OLLAMA_PIPELINE__OLLAMA__BASE_URL=...` sets `ollama.base_url` (double underscore separates levels).
 """
@@ -40,8 +41,26 @@ class DeterministicConfig(_Strict):
     seed: int = Field(default=12345)
 
 
+class OllamaHostConfig(_Strict):
+    """One more Ollama server (`ollama.hosts`); an entry whose base_url is `ollama.base_url` configures the first."""
+
+    base_url: HttpUrl
+    weight: float = Field(default=1.0, gt=0.0, le=1000.0, description="Share of the items this host gets.")
+    parallel: int | None = Field(default=None, ge=1, le=256,
+                                 description="Calls at once (the host's OLLAMA_NUM_PARALLEL); default: "
+                                             "pipeline.concurrency.")
+    models: list[str] | None = Field(default=None, description="Models it serves (default: every model).")
+
+    @property
+    def host(self) -> str:
+        return str(self.base_url).rstrip("/")
+
+
+_DURATION = r"^(-1|0|\d+(\.\d+)?(ns|us|ms|s|m|h)(\d+(\.\d+)?(ns|us|ms|s|m|h))*)$"
+
+
 class OllamaConfig(_Strict):
-    """The seed's `ollama.*` keys, nothing else."""
+    """The seed's `ollama.*` keys, plus more hosts and the runner settings of a run."""
 
     base_url: HttpUrl
     model: ModelConfig
@@ -51,6 +70,14 @@ class OllamaConfig(_Strict):
     text_model: str | None = None
     retry: RetryConfig = RetryConfig()
     deterministic: DeterministicConfig = DeterministicConfig()
+    hosts: list[OllamaHostConfig] = Field(default_factory=list, max_length=64)
+    keep_alive: str = Field(default="2h", pattern=_DURATION,
+                            description="How long Ollama keeps a model loaded after a call (Go duration; -1 = "
+                                        "for ever). Ollama's default is 5m, shorter than a pause in a long run.")
+    num_ctx: int | None = Field(default=None, ge=512, le=1_048_576,
+                                description="Context size sent with every call of a run; default: sized for "
+                                            "the largest stage (image tokens + prompt + answer).")
+    warm_up: bool = Field(default=True, description="Load each model with one empty call before a run starts.")
 
     def model_for(self, kind: Literal["vision", "text"]) -> str:
         """The seed's fallback chain: vision_model/text_model, else model.default."""

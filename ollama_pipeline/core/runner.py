@@ -59,7 +59,8 @@ class Pipeline:
     @classmethod
     def from_settings(cls, settings: Settings, *, client: OllamaClient | None = None) -> Pipeline:
         engine = get_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
-        return cls(settings=settings, engine=engine, client=client or OllamaClient(settings.ollama),
+        client = client or OllamaClient(settings.ollama, default_slots=settings.pipeline.concurrency)
+        return cls(settings=settings, engine=engine, client=client,
                    logs=PipelineLogs(settings.logs_dir))
 
     def model_for(self, stage: Stage) -> str:
@@ -94,15 +95,15 @@ class ItemOutcome(BaseModel):
 
 
 def _call_model(pipeline: Pipeline, stage: Stage, request: ModelRequest, images_b64: list[str],
-                options: OllamaOptions, metrics: CallMetrics) -> BaseModel:
+                options: OllamaOptions, metrics: CallMetrics, affinity: str) -> BaseModel:
     prompt = request.prompt
     repairs_left = pipeline.settings.pipeline.repair_retries
     while True:
         if images_b64:
             response: OllamaTextResponse = pipeline.client.analyze_image(images_b64, prompt, options,
-                                                                         system=SYSTEM_PROMPT)
+                                                                         system=SYSTEM_PROMPT, affinity=affinity)
         else:
-            response = pipeline.client.generate_text(prompt, options, system=SYSTEM_PROMPT)
+            response = pipeline.client.generate_text(prompt, options, system=SYSTEM_PROMPT, affinity=affinity)
         metrics.calls += response.attempts
         metrics.prompt_eval_count += response.prompt_eval_count or 0
         metrics.eval_count += response.eval_count or 0
@@ -210,7 +211,7 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                         image_bytes[ref.media_id][1], ref.path, max_image_bytes=cfg.ollama.max_image_bytes,
                         max_pixels=cfg.pipeline.max_pixels).b64
                 b64.append(prepared[ref.media_id])
-            answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics)
+            answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics, str(media_id))
         output = stage.combine(stage, inputs, answers)
         return _persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
                                metrics=metrics, started=started, job_id=job_id, run_id=run_id)
@@ -243,6 +244,8 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
     stage = get_stage(stage) if isinstance(stage, str) else stage
     ids = list(dict.fromkeys(int(i) for i in media_ids))
     workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
+    if len(pipeline.client.pool.hosts) > 1:  # enough calls at once to fill every host's slots
+        workers = max(workers, 2 * pipeline.client.pool.total_slots)
     job_ids = job_ids or {}
     lock = threading.Lock()
     # Items in flight or finished but not yet taken by the caller: a caller that is busy for a moment
