@@ -581,6 +581,42 @@ def test_foreign_host_header_is_refused_on_loopback(client: TestClient) -> None:
     assert client.get("/healthz", headers={"host": "[::1]:8080"}).status_code == 200
 
 
+def test_malformed_host_header_is_not_taken_for_loopback(client: TestClient) -> None:
+    """A Host value with userinfo, a path or two ports (`localhost:80@evil.example`) is refused (400)."""
+    for host in ("localhost:80@evil.example", "127.0.0.1:8080@evil.example", "localhost@evil.example",
+                 "localhost:80/evil.example", "localhost:80:81", "localhost evil.example", "[::1]@evil.example",
+                 ""):
+        assert client.get("/healthz", headers={"host": host}).status_code == 400, host
+    assert client.get("/healthz", headers={"host": "127.0.0.1:8080"}).status_code == 200
+
+
+def test_ids_beyond_any_database_integer_answer_404_not_500(client: TestClient, library: WebLibrary) -> None:
+    """`/thumb/99999999999999999999999` and every other id route answer 404; paging ignores such ids."""
+    huge = "99999999999999999999999"
+    for path in (f"/thumb/{huge}", f"/image/{huge}", f"/media/{huge}", f"/media/{huge}.json",
+                 f"/api/media/{huge}", f"/thumb/{2**63}"):
+        assert client.get(path).status_code == 404, path
+    token = csrf_of(client)
+    assert client.post(f"/media/{huge}/rerun", data={"stage": "ollama_title", "csrf_token": token}).status_code == 404
+    assert client.post(f"/jobs/{huge}/retry", data={"csrf_token": token}).status_code == 404
+    assert client.get("/", params={"after": huge}).status_code == 200
+    assert client.get("/queue", params={"done": "retried", "job": huge}).status_code == 200
+
+
+def test_short_web_token_is_refused_for_a_non_loopback_bind(library: WebLibrary) -> None:
+    """A `pipeline.web_token` under 16 characters does not open a public bind (typed config error)."""
+    def with_token(token: str) -> Settings:
+        return library.settings.model_copy(update={"pipeline": library.settings.pipeline.model_copy(
+            update={"web_token": token})})
+
+    for token in ("abc", "x" * 15):
+        with pytest.raises(ConfigError, match="at least 16") as caught:
+            check_bind("0.0.0.0", with_token(token))
+        assert caught.value.code == "validation.config" and token not in str(caught.value)
+    check_bind("0.0.0.0", with_token("x" * 16))
+    check_bind("127.0.0.1", with_token("abc"))  # loopback needs no token at all
+
+
 def test_non_loopback_bind_needs_a_token_which_every_request_then_needs(library: WebLibrary) -> None:
     """0.0.0.0 without a token is refused; with one, requests without it get 401 and with it 200."""
     with pytest.raises(ConfigError, match="web_token"):
@@ -615,7 +651,7 @@ def _free_port() -> int:
 
 
 def test_cli_serves_on_loopback_and_refuses_a_public_host_without_token(library: WebLibrary, tmp_path: Path) -> None:
-    """`ollama-pipeline web` serves /healthz under uvicorn; --host 0.0.0.0 without a token exits 2."""
+    """`ollama-pipeline web` serves /healthz under uvicorn; --host 0.0.0.0 without a token (or a short one) exits 2."""
     s = library.settings
     config = tmp_path / "ollama_pipeline.yaml"
     config.write_text(yaml.safe_dump({
@@ -626,6 +662,11 @@ def test_cli_serves_on_loopback_and_refuses_a_public_host_without_token(library:
     refused = subprocess.run([sys.executable, "-m", "ollama_pipeline.app.cli", "--config", str(config), "web",
                               "--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 2 and "error [validation/validation.config]" in refused.stderr
+    short = tmp_path / "short_token.yaml"
+    short.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "pipeline": {"web_token": "abc"}}))
+    refused = subprocess.run([sys.executable, "-m", "ollama_pipeline.app.cli", "--config", str(short), "web",
+                              "--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 2 and "at least 16" in refused.stderr and "Traceback" not in refused.stderr
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ollama_pipeline.app.cli", "--config", str(config), "web",
                              "--port", str(port), "--log-level", "warning"], env=env,

@@ -89,11 +89,24 @@ def error_status(exc: OllamaPipelineError) -> int:
     return 500
 
 
+MAX_ID = 2**63 - 1
+"""Largest id a database row can have (SQLite and PostgreSQL BIGINT); larger path ids name no row."""
+
+
+def _known_id(value: int, what: str = "media item") -> int:
+    """The id of a path, or 404 when it is beyond any database integer (never handed to the driver)."""
+    if not 0 <= value <= MAX_ID:
+        raise StarletteHTTPException(404, f"No {what} {value}.")
+    return value
+
+
 def _int_or_none(value: str | None) -> int | None:
+    """A query-string integer, or None when absent, not an integer, or beyond any database integer."""
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except ValueError:
         return None
+    return number if number is None or -MAX_ID <= number <= MAX_ID else None
 
 
 def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_token: bool | None = None,
@@ -152,7 +165,7 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
 
     @app.get("/media/{media_id:int}", response_class=HTMLResponse)
     def item(request: Request, media_id: int) -> HTMLResponse:
-        data = queries.item_data(state.engine, media_id)
+        data = queries.item_data(state.engine, _known_id(media_id))
         if data is None:
             raise StarletteHTTPException(404, f"No media item {media_id}.")
         versions = queries.current_versions()
@@ -169,6 +182,8 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
                             versions=versions)
 
     def _export(media_id: int) -> JSONResponse:
+        if not 0 <= media_id <= MAX_ID:
+            return JSONResponse({"error": f"no media item {media_id}"}, status_code=404)
         records = list(export_records(state.engine, [media_id]))
         if not records:
             return JSONResponse({"error": f"no media item {media_id}"}, status_code=404)
@@ -183,7 +198,7 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         return _export(media_id)
 
     def _jpeg(media_id: int, side: int) -> Response:
-        path = queries.media_path(state.engine, media_id)
+        path = queries.media_path(state.engine, media_id) if 0 <= media_id <= MAX_ID else None
         if path is None:
             return Response(NOT_AVAILABLE, status_code=404, media_type="text/plain")
         try:
@@ -204,7 +219,7 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
 
     @app.post("/media/{media_id:int}/rerun", response_class=HTMLResponse)
     def rerun(request: Request, media_id: int, stage: str = Form("all")) -> HTMLResponse:
-        if queries.media_path(state.engine, media_id) is None:
+        if queries.media_path(state.engine, _known_id(media_id)) is None:
             raise ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
         chosen = list(STAGES) if stage == "all" else [stage]
         results = []
@@ -231,12 +246,12 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
 
     @app.post("/jobs/{job_id:int}/retry")
     def retry(job_id: int) -> RedirectResponse:
-        jobs.retry_job(state.pipeline, job_id)
+        jobs.retry_job(state.pipeline, _known_id(job_id, "job"))
         return RedirectResponse(f"/queue?done=retried&job={job_id}", status_code=303)
 
     @app.post("/jobs/{job_id:int}/cancel")
     def cancel(job_id: int) -> RedirectResponse:
-        jobs.cancel_job(state.pipeline, job_id)
+        jobs.cancel_job(state.pipeline, _known_id(job_id, "job"))
         return RedirectResponse(f"/queue?done=cancelled&job={job_id}", status_code=303)
 
     app.add_middleware(SecurityMiddleware, token=token, allowed_hosts=allowed_hosts)

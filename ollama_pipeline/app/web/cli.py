@@ -1,8 +1,8 @@
 """The `ollama-pipeline web` command: serve the web UI with uvicorn, on loopback unless a token is set.
 
 `register(subparsers)` adds it to the main parser (`ollama_pipeline.app.cli`). Binding to a non-loopback host
-is refused with a `validation.config` error unless `pipeline.web_token` is set; with a token, every request
-must carry it (see `web.security`). The access log never shows the token.
+is refused with a `validation.config` error unless `pipeline.web_token` is set (at least 16 characters);
+with a token, every request must carry it (see `web.security`). The access log never shows the token.
 """
 
 from __future__ import annotations
@@ -28,12 +28,24 @@ class RedactTokenFilter(logging.Filter):
         return True
 
 
+MIN_TOKEN_LENGTH = 16
+"""Shortest `pipeline.web_token` accepted for a non-loopback bind (a guessable token is no guard)."""
+
+
 def check_bind(host: str, settings: Settings) -> None:
-    """Refuse a non-loopback bind when no `pipeline.web_token` is configured."""
-    if not is_loopback_host(host) and not settings.pipeline.web_token:
+    """Refuse a non-loopback bind without a `pipeline.web_token` of at least MIN_TOKEN_LENGTH characters."""
+    if is_loopback_host(host):
+        return
+    token = settings.pipeline.web_token
+    if not token:
         raise ConfigError(f"refusing to serve the web UI on non-loopback host {host!r} without "
                           f"pipeline.web_token: set a token (it is then required on every request) "
                           f"or bind to 127.0.0.1", code="validation.config")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"refusing to serve the web UI on non-loopback host {host!r}: pipeline.web_token "
+                          f"has {len(token)} characters, at least {MIN_TOKEN_LENGTH} are required "
+                          f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')",
+                          code="validation.config")
 
 
 def _cmd_web(args: argparse.Namespace) -> int:

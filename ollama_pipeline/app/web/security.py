@@ -1,7 +1,8 @@
 """Request guards of the web UI, as one pure ASGI middleware: Host check, access token, CSRF, headers.
 
 * **Host check** (no token configured, so the UI is bound to loopback): only requests whose Host header
-  names a loopback address or `localhost` are served, which defeats DNS rebinding.
+  is well formed (host and optional port, nothing else) and names a loopback address or `localhost` are
+  served, which defeats DNS rebinding; `localhost:80@evil.example` is malformed and refused.
 * **Access token** (`pipeline.web_token` set, required for any non-loopback bind): every request must carry
   it as the `op_token` cookie, an `Authorization: Bearer` / `X-Auth-Token` header, or `?token=`. A GET with
   a correct `?token=` is redirected to the same URL without it and the cookie is set, so the token does
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hmac
 import html
 import ipaddress
+import re
 import secrets
 from collections.abc import Iterable
 from http.cookies import SimpleCookie
@@ -58,12 +60,20 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _host_name(host_header: str) -> str:
-    """The host part of a Host header value (`[::1]:8080` -> `::1`, `a:80` -> `a`)."""
-    value = host_header.strip().lower()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+# RFC 9110 Host = uri-host [":" port]; uri-host is a bracketed IPv6 literal or a reg-name/IPv4 (letters,
+# digits, "-", "."). Anything else (userinfo "@", "/", spaces, a second ":") is not a Host value at all.
+_HOST_VALUE = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.-]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _host_name(host_header: str) -> str | None:
+    """The host part of a well-formed Host header value (`[::1]:8080` -> `::1`, `a:80` -> `a`), else None.
+
+    `localhost:80@evil.example` and the like are malformed (None), never read as `localhost`.
+    """
+    match = _HOST_VALUE.fullmatch(host_header.strip().lower())
+    if match is None:
+        return None
+    return match.group("ip6") or match.group("name")
 
 
 def _valid_token_shape(value: str | None) -> bool:
@@ -113,7 +123,9 @@ class SecurityMiddleware:
         if self.token is not None:
             return True
         name = _host_name(host_header)
-        return is_loopback_host(name) or name in self.allowed_hosts or host_header.lower() in self.allowed_hosts
+        if name is None:
+            return False
+        return is_loopback_host(name) or name in self.allowed_hosts or host_header.strip().lower() in self.allowed_hosts
 
     def _token_matches(self, supplied: str | None) -> bool:
         if self.token is None or not supplied:
