@@ -15,6 +15,27 @@ from ollama_pipeline.core.config import Settings, load_settings
 from ollama_pipeline.core.errors import OllamaPipelineError
 
 Handler = Callable[[argparse.Namespace], int]
+USAGE_CODE = "validation.payload"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line typed error (exit code 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error [validation/{USAGE_CODE}]: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def arg_type(check: Callable[[str, str], object], name: str) -> Callable[[str], object]:
+    """An argparse `type=` from a core check that raises a typed ValidationError."""
+
+    def convert(value: str) -> object:
+        try:
+            return check(value, name)
+        except OllamaPipelineError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    convert.__name__ = name.lstrip("-")
+    return convert
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -67,12 +88,26 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if health.ok else 2
 
 
+def selected_media_ids(settings: Settings, spec: str | None) -> list[int] | None:
+    """The media ids of `--media SPEC` that exist in the library (None: every item); the one parser."""
+    from ollama_pipeline.core.db.engine import make_engine
+    from ollama_pipeline.core.selection import parse_media_selection
+
+    selection = parse_media_selection(spec, default_all=True)
+    engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    check = selection.check(engine)
+    if check.note():
+        print(check.note(), file=sys.stderr)
+    return None if selection.everything else list(selection.iter_ids(engine))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ollama_pipeline.app.orchestrate import parse_stage_list, run_stages_through_dagster
 
     settings = settings_from_args(args)
-    media_ids = [int(x) for x in args.media.split(",")] if args.media else None
-    summary = run_stages_through_dagster(settings, parse_stage_list(args.stages), media_ids=media_ids,
+    stages = parse_stage_list(args.stages)
+    media_ids = selected_media_ids(settings, args.media)
+    summary = run_stages_through_dagster(settings, stages, media_ids=media_ids,
                                          force=args.force, config_path=args.config)
     print(summary.render())
     return 0 if summary.ok else 1
@@ -95,7 +130,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ollama-pipeline", description=__doc__.splitlines()[0])
+    from ollama_pipeline.core.selection import positive_int
+
+    parser = Parser(prog="ollama-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="configuration file (default: $OLLAMA_PIPELINE_CONFIG or ./ollama_pipeline.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -103,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_init_db)
 
     p = sub.add_parser("demo-library", help="write a realistic demo library (images, prompts, tags, scans)")
-    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(handler=_cmd_demo_library)
 
@@ -118,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="materialize stages for media items through Dagster (one run over many items)")
     p.add_argument("--stages", default="all", help="'all', or job types/short names separated by commas")
-    p.add_argument("--media", help="media ids separated by commas (default: every media item)")
+    p.add_argument("--media", help="media ids: 7, 1-500, 3,5,9 or all (default: every media item)")
     p.add_argument("--force", action="store_true", help="call the model even when nothing changed")
     p.set_defaults(handler=_cmd_run)
 
     p = sub.add_parser("demo", help="demo library + emulator (when no Ollama is configured) + all stages")
-    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)
     p.add_argument("--emulator", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--stages", default="all")
     p.set_defaults(handler=_cmd_demo)

@@ -18,40 +18,16 @@ from ollama_pipeline.core.config import load_settings
 from ollama_pipeline.core.errors import ValidationError
 from ollama_pipeline.core.queue.store import JOB_STATUSES, Job, JobOutcome, ProcessSummary
 from ollama_pipeline.core.runner import Pipeline
+from ollama_pipeline.core.selection import (
+    non_negative_int,
+    parse_job_types,
+    parse_media_selection,
+    positive_int,
+)
 
 
 def _pipeline(args: argparse.Namespace) -> Pipeline:
     return Pipeline.from_settings(load_settings(getattr(args, "config", None)))
-
-
-def _all_media_ids(pipeline: Pipeline) -> list[int]:
-    from sqlalchemy import select
-
-    from ollama_pipeline.core.db.models import Media
-
-    with pipeline.engine.connect() as conn:
-        return [int(r[0]) for r in conn.execute(select(Media.id).order_by(Media.id))]
-
-
-def parse_media_ids(specs: list[str], pipeline: Pipeline | None = None) -> list[int]:
-    """Media ids from '7', '1-20', '3,5,9' or 'all' (every media row), in order, without repeats."""
-    ids: list[int] = []
-    for spec in specs:
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
-            try:
-                if part == "all" and pipeline is not None:
-                    ids.extend(_all_media_ids(pipeline))
-                elif "-" in part.lstrip("-"):
-                    low, high = part.split("-", 1)
-                    ids.extend(range(int(low), int(high) + 1))
-                else:
-                    ids.append(int(part))
-            except ValueError:
-                raise ValidationError(f"media id {part!r} is not a number, a range like 1-20, or 'all'",
-                                      code="validation.payload") from None
-    return list(dict.fromkeys(ids))
 
 
 def _payload(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,31 +50,36 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    """Queue jobs: one job type (or every stage) for one or more media ids."""
-    from ollama_pipeline.core.queue.store import enqueue_ollama
+    """Queue jobs: one job type (or every stage) for a media selection (ids, ranges, lists, all).
+
+    The selection is validated before anything is queued; ranges are resolved in SQL page by page. A
+    typed error part-way (a queue limit) prints exactly how far the enqueue got and exits 2."""
+    from ollama_pipeline.core.queue.bulk import enqueue_selection
     from ollama_pipeline.core.stages import STAGES
 
-    pipeline = _pipeline(args)
     targets = list(args.targets)
     if args.all_stages:
         job_types = list(STAGES)
     else:
         if len(targets) < 2:
-            raise ValidationError("usage: enqueue JOB_TYPE MEDIA_ID [MEDIA_ID ...] (or --all-stages MEDIA_ID ...)",
-                                  code="validation.payload")
-        job_types = [targets.pop(0)]
-    media_ids = parse_media_ids(targets, pipeline)
-    if not media_ids:
-        raise ValidationError("no media ids given", code="validation.payload")
+            raise ValidationError("usage: enqueue JOB_TYPE MEDIA [MEDIA ...] (or --all-stages MEDIA ...); "
+                                  "media: 7, 1-500, 3,5,9 or all", code="validation.payload")
+        job_types = parse_job_types(targets.pop(0))
+    selection = parse_media_selection(targets)
     payload = _payload(args)
-    counts = {"queued": 0, "deduplicated": 0}
-    for media_id in media_ids:
-        for job_type in job_types:
-            result = enqueue_ollama(pipeline, job_type, media_id, payload)
-            counts[result.status] += 1
-            if not args.quiet:
-                print(f"{result.status} job {result.job_id}: {job_type} for media {media_id}")
-    print(f"enqueue: {counts['queued']} queued, {counts['deduplicated']} deduplicated")
+    pipeline = _pipeline(args)
+
+    def show(result: Any) -> None:
+        print(f"{result.status} job {result.job_id}: {result.job_type} for media {result.media_id}")
+
+    check = selection.check(pipeline.engine)
+    if check.note():
+        print(check.note(), file=sys.stderr)
+    report = enqueue_selection(pipeline, job_types, selection, payload, on_result=None if args.quiet else show)
+    print(report.render())
+    if report.error is not None:
+        print(f"error [{report.error['channel']}/{report.error['code']}]: {report.error['message']}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -154,6 +135,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     """Process one job (--job) or drain the queue with a thread pool, showing progress."""
     from ollama_pipeline.core.queue.store import process_jobs, process_ollama_job
 
+    job_types = parse_job_types(args.type) if args.type is not None else None
     pipeline = _pipeline(args)
     if args.job is not None:
         outcome = process_ollama_job(pipeline, args.job, worker=args.worker)
@@ -163,7 +145,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     progress = bar if bar is not None else (None if args.no_progress else _PlainProgress(sys.stdout))
     try:
         summary: ProcessSummary = process_jobs(pipeline, args.worker, limit=args.limit,
-                                               concurrency=args.concurrency, job_types=args.type,
+                                               concurrency=args.concurrency, job_types=job_types,
                                                progress=progress)
     finally:
         if bar is not None:
@@ -191,8 +173,9 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     """Print the newest jobs as a table or as JSON."""
     from ollama_pipeline.core.queue.store import list_jobs
 
-    jobs = list_jobs(_pipeline(args), status=args.status, job_type=args.type, media_id=args.media,
-                     limit=args.limit)
+    job_type = parse_job_types(args.type)[0] if args.type is not None else None
+    media = parse_media_selection(args.media) if args.media is not None else None
+    jobs = list_jobs(_pipeline(args), status=args.status, job_type=job_type, media_id=media, limit=args.limit)
     if args.json:
         print(json.dumps([_job_dict(j) for j in jobs], indent=2))
         return 0
@@ -239,24 +222,27 @@ def cmd_jobs_counts(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `enqueue`, `process` and `jobs ...` to the main parser's subcommands."""
+    from ollama_pipeline.app.cli import arg_type
+
+    positive = {name: arg_type(positive_int, name) for name in ("--limit", "--concurrency", "--job", "JOB_ID")}
     p = subparsers.add_parser("enqueue", help="queue jobs for media items (deduplicated against active jobs)",
-                              description="enqueue JOB_TYPE MEDIA_ID [MEDIA_ID ...]; or --all-stages MEDIA_ID ... "
-                                          "Media ids: 7, 1-20, 3,5,9 or all.")
-    p.add_argument("targets", nargs="+", metavar="JOB_TYPE MEDIA_ID", help="job type, then media ids")
+                              description="enqueue JOB_TYPE MEDIA [MEDIA ...]; or --all-stages MEDIA ... "
+                                          "Media: 7, 1-500, 3,5,9 or all.")
+    p.add_argument("targets", nargs="+", metavar="JOB_TYPE MEDIA", help="job type, then media ids or ranges")
     p.add_argument("--all-stages", action="store_true", help="one job per stage; every argument is a media id")
     p.add_argument("--payload", help='job payload as JSON, e.g. \'{"force": true, "priority": 50}\'')
     p.add_argument("--force", action="store_true", help="call the model even when nothing changed")
-    p.add_argument("--priority", type=int, help="0..100, higher runs first")
+    p.add_argument("--priority", type=arg_type(non_negative_int, "--priority"), help="0..100, higher runs first")
     p.add_argument("--model", help="use this model instead of the configured one")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     p.set_defaults(handler=cmd_enqueue)
 
     p = subparsers.add_parser("process", help="process queued jobs (a worker) or one job")
-    p.add_argument("--limit", type=int, help="stop after claiming this many jobs")
+    p.add_argument("--limit", type=positive["--limit"], help="stop after claiming this many jobs")
     p.add_argument("--worker", help="worker name stored on claimed jobs (default host:pid)")
-    p.add_argument("--concurrency", type=int, help="jobs at once (default pipeline.concurrency)")
-    p.add_argument("--job", type=int, help="process only this job id")
-    p.add_argument("--type", action="append", help="only this job type (repeatable)")
+    p.add_argument("--concurrency", type=positive["--concurrency"], help="jobs at once (default pipeline.concurrency)")
+    p.add_argument("--job", type=positive["--job"], help="process only this job id")
+    p.add_argument("--type", action="append", help="only this job type (repeatable, or separated by commas)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(handler=cmd_process)
 
@@ -265,15 +251,15 @@ def register(subparsers: Any) -> None:
     p = jsub.add_parser("list", help="the newest jobs first")
     p.add_argument("--status", choices=JOB_STATUSES)
     p.add_argument("--type", help="job type")
-    p.add_argument("--media", type=int, help="media id")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--media", help="media: 7, 1-500, 3,5,9 or all")
+    p.add_argument("--limit", type=positive["--limit"], default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs_list)
     p = jsub.add_parser("retry", help="requeue a failed or cancelled job (attempts reset)")
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=positive["JOB_ID"])
     p.set_defaults(handler=cmd_jobs_retry)
     p = jsub.add_parser("cancel", help="cancel a queued job")
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=positive["JOB_ID"])
     p.set_defaults(handler=cmd_jobs_cancel)
     p = jsub.add_parser("counts", help="jobs per status and job type")
     p.add_argument("--json", action="store_true")

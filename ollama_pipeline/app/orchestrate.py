@@ -14,10 +14,13 @@ from ollama_pipeline.core.config import Settings
 
 
 def parse_stage_list(text: str | None) -> list[str] | None:
-    """'all' → None (every stage); otherwise names separated by commas (job types or short names)."""
-    if not text or text.strip() == "all":
+    """'all' (or not given) → None (every stage); otherwise names separated by commas (job types or short
+    names). An empty value is an error, never "every stage"."""
+    if text is None or text.strip() == "all":
         return None
-    return [part.strip() for part in text.split(",") if part.strip()]
+    from ollama_pipeline.core.selection import parse_job_types
+
+    return parse_job_types(text, also=("media",))
 
 
 def ensure_dagster_home() -> Path:

@@ -14,23 +14,25 @@ class OllamaPipelineError(Exception):
 
     channel: ClassVar[str] = "internal"
     default_code: ClassVar[str] = "internal.error"
-    default_retryable: ClassVar[bool] = False
 
     def __init__(
         self,
         message: str,
         *,
         code: str | None = None,
-        retryable: bool | None = None,
         http_status: int | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
-        self.retryable = self.default_retryable if retryable is None else retryable
         self.http_status = http_status
         self.details = dict(details or {})
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the client or the queue retries this failure: ERROR_CODES decides, never the caller."""
+        return is_retryable(self.code)
 
     def __str__(self) -> str:
         return f"[{self.channel}/{self.code}] {self.message}"
@@ -52,7 +54,6 @@ class NetworkError(OllamaPipelineError):
 
     channel = "network"
     default_code = "network.connect"
-    default_retryable = True
 
 
 class InvalidResponseFormatError(OllamaPipelineError):
@@ -135,3 +136,17 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "internal.run_canceled": ("internal", False, "The Dagster run of a job was canceled before it reached the item."),
     "upstream_failed.<asset>": ("blocked", False, "In a Dagster run, the item's media or upstream stage (named in the code) failed, so this stage did not call the model for it."),
 }
+
+
+def is_retryable(code: str | None) -> bool:
+    """The `retryable` column of ERROR_CODES for a code (`upstream_failed.<asset>` by its pattern).
+
+    Every exception and every stored error reads it here, so the README table, the classes and the queue
+    cannot disagree. A code that is not in the table is not retried.
+    """
+    if not code:
+        return False
+    entry = ERROR_CODES.get(code)
+    if entry is None and code.startswith("upstream_failed."):
+        entry = ERROR_CODES["upstream_failed.<asset>"]
+    return bool(entry and entry[1])

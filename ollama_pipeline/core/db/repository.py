@@ -72,7 +72,7 @@ def with_retry(engine: Engine, work: Callable[[Connection], T], *, retries: int 
             raise
         except IntegrityError as exc:
             raise PersistenceError(f"{what} refused by a database constraint: {type(exc.orig).__name__}",
-                                   code="persistence.constraint", retryable=False) from None
+                                   code="persistence.constraint") from None
         except (OperationalError, DBAPIError) as exc:
             if _is_locked(exc) and attempt < retries:
                 time.sleep(backoff_s * (2**attempt))

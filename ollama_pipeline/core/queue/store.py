@@ -55,6 +55,7 @@ from ollama_pipeline.core.errors import (
 )
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
 from ollama_pipeline.core.runner import ItemOutcome, Pipeline, run_item
+from ollama_pipeline.core.selection import MediaSelection
 from ollama_pipeline.core.stages import STAGES, get_stage
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -325,7 +326,7 @@ def enqueue_ollama(pipeline: Pipeline, job_type: str, media_id: int, payload: di
             if existing is not None:
                 return int(existing[0]), False, str(existing[1])
         raise PersistenceError(f"enqueue of {job_type} for media {media_id} kept conflicting with a finishing job",
-                               code="persistence.constraint", retryable=True)
+                               code="persistence.constraint")
 
     try:
         job_id, created, state = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline),
@@ -848,8 +849,8 @@ def cancel_job(pipeline: Pipeline, job_id: int) -> Job:
 
 
 def list_jobs(pipeline: Pipeline, status: str | None = None, job_type: str | None = None,
-              media_id: int | None = None, limit: int = 50) -> list[Job]:
-    """The newest jobs first, filtered by status, job type and media id."""
+              media_id: int | MediaSelection | None = None, limit: int = 50) -> list[Job]:
+    """The newest jobs first, filtered by status, job type and media id (or a media selection)."""
     if status is not None and status not in JOB_STATUSES:
         raise ValidationError(f"unknown job status {status!r}; known: {', '.join(JOB_STATUSES)}",
                               code="validation.payload")
@@ -858,7 +859,9 @@ def list_jobs(pipeline: Pipeline, status: str | None = None, job_type: str | Non
         q = q.where(OllamaJob.status == status)
     if job_type is not None:
         q = q.where(OllamaJob.job_type == job_type)
-    if media_id is not None:
+    if isinstance(media_id, MediaSelection):
+        q = q.where(media_id.where(OllamaJob.media_id))
+    elif media_id is not None:
         q = q.where(OllamaJob.media_id == media_id)
     with pipeline.engine.connect() as conn:
         return [Job.from_row(r) for r in conn.execute(q).mappings()]
