@@ -1,12 +1,28 @@
 """The seed's error channels (§6): one exception class per channel, each carrying a stable code.
 
 Every failure the pipeline reports is one of these. Codes are part of the public contract (README lists
-them); never rename one. This module must not import anything else from the package.
+them); never rename one. This module must not import anything else from the package. A message never
+carries the password of a URL (`redact_url_credentials`, which the logs use too).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
+
+# scheme://user:password@host -> scheme://user:***@host; scheme://token@host -> scheme://***@host.
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s'\"]*)"
+                              r"(?::(?P<pw>[^@/\s'\"]*))?@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """Mask the password of every URL in text (`http://user:***@host`); a lone user part may be a token."""
+    def mask(m: re.Match[str]) -> str:
+        if m.group("pw") is None:
+            return f"{m.group('scheme')}***@"
+        return f"{m.group('scheme')}{m.group('user')}:***@"
+
+    return _URL_CREDENTIALS.sub(mask, text)
 
 
 class OllamaPipelineError(Exception):
@@ -23,11 +39,12 @@ class OllamaPipelineError(Exception):
         http_status: int | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
+        message = redact_url_credentials(str(message))  # a message may be shown anywhere: never a password
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.http_status = http_status
-        self.details = dict(details or {})
+        self.details = {k: redact_url_credentials(v) if isinstance(v, str) else v for k, v in (details or {}).items()}
 
     @property
     def retryable(self) -> bool:

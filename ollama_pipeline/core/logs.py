@@ -16,12 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ollama_pipeline.core.errors import redact_url_credentials
+
 JOBS_LOG = "ollama_jobs.jsonl"
 ERRORS_LOG = "ollama_errors.jsonl"
 
 _SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|api[_-]?key|authorization|cookie|credential)", re.I)
 _BINARY_KEYS = {"images", "image", "image_b64", "data", "bytes"}
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*)(:(?P<pw>[^@/\s]*))?@")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/=_-]{100,}")
 _KEYLIKE = re.compile(r"(?i)\b(api[_-]?key|token|password|secret)=([^&\s]+)")
@@ -30,7 +31,7 @@ _MAX_STRING = 2000
 
 def redact_text(value: str) -> str:
     """Mask credentials in URLs, bearer tokens, key=value secrets and long base64-like runs."""
-    value = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", value)
+    value = redact_url_credentials(value)
     value = _BEARER.sub(lambda m: f"{m.group(1)} ***", value)
     value = _KEYLIKE.sub(lambda m: f"{m.group(1)}=***", value)
     value = _BASE64_RUN.sub(lambda m: f"<redacted {len(m.group(0))} chars>", value)
