@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from ollama_pipeline.emulator.gullible import injected_payload
@@ -147,11 +148,94 @@ def generate(schema: dict[str, Any], rng: Rng, root: dict[str, Any] | None = Non
     return _string(name, schema, rng)
 
 
+def _balanced_objects(text: str) -> list[str]:
+    """Every balanced {...} span of text, outermost first, in order."""
+    spans, depth, start, in_str, esc = [], 0, -1, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            esc = not esc and ch == "\\"
+            if ch == '"' and not esc:
+                in_str = False
+            continue
+        if ch == '"' and depth:
+            in_str = True
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append(text[start : i + 1])
+    return spans
+
+
+def requested_shape(prompt: str) -> dict[str, Any] | None:
+    """The JSON object a prompt shows as the answer's format (`Format: {"caption":"...", ...}`), if any."""
+    for span in _balanced_objects(prompt):
+        try:
+            value = json.loads(span)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and value:
+            return value
+    return None
+
+
+_RANGE = re.compile(r"\((\d+)\s*-\s*(\d+)\)")
+
+
+def _like(example: Any, key: str, rng: Rng, prompt: str) -> Any:
+    """A value shaped like the prompt's example value for key."""
+    if isinstance(example, bool):
+        return rng.random() < 0.5
+    if isinstance(example, int):
+        match = _RANGE.search(prompt)
+        lo, hi = (int(match.group(1)), int(match.group(2))) if match else (0, 10)
+        return rng.randint(lo, hi)
+    if isinstance(example, float):
+        return round(rng.random(), 3)
+    if isinstance(example, list):
+        if example and isinstance(example[0], dict):
+            return [_fill(example[0], rng, prompt) for _ in range(rng.randint(1, 3))]
+        return [_string(key.rstrip("s") or "tag", {}, rng) if "tag" in key else rng.choice(WORDS)
+                for _ in range(rng.randint(0, 3))]
+    if isinstance(example, dict):
+        return _fill(example, rng, prompt)
+    if isinstance(example, str) and example.strip(" .") and len(example) <= 24 and not rng.override:
+        return example  # a literal such as "safe" or "other": keep the value the prompt names
+    return _string(key, {}, rng)
+
+
+def _fill(shape: dict[str, Any], rng: Rng, prompt: str) -> dict[str, Any]:
+    return {key: _like(value, key, rng, prompt) for key, value in shape.items()}
+
+
+def prose(rng: Rng) -> str:
+    """A few sentences: an answer to a prompt that asked for no JSON."""
+    if rng.override:
+        return rng.override
+    return " ".join(sentence(rng) for _ in range(rng.randint(1, 4)))
+
+
 def answer_for(seed_material: str, fmt: Any, prompt: str = "") -> str:
-    """The text of an answer: schema-conforming JSON, a JSON object, or prose."""
+    """The text of an answer: schema-conforming JSON, JSON in the shape the prompt asks for, or prose."""
     rng = Rng(seed_material, injected_payload(prompt))
     if isinstance(fmt, dict):
         return json.dumps(generate(fmt, rng), separators=(",", ":"))
+    shape = requested_shape(prompt)
+    if shape is not None and (fmt == "json" or "json" in prompt.lower()):
+        return json.dumps(_fill(shape, rng, prompt), ensure_ascii=False)
     if fmt == "json":
-        return json.dumps({"response": sentence(rng)}, separators=(",", ":"))
-    return sentence(rng)
+        return json.dumps({"response": prose(rng)}, ensure_ascii=False)
+    return prose(rng)
+
+
+def thinking_for(seed_material: str, tokens: int) -> str:
+    """Reasoning text of about `tokens` tokens (4 characters each) that a thinking model emits first."""
+    rng = Rng(seed_material + ":think")
+    target = max(0, rng.randint(tokens // 2, tokens + tokens // 2)) * 4
+    parts: list[str] = []
+    while sum(len(p) + 1 for p in parts) < target:
+        parts.append(f"Let me consider {rng.choice(SUBJECTS)} and {rng.choice(MOODS)} details.")
+    return " ".join(parts)[:target] if target else ""

@@ -1,36 +1,58 @@
-"""The emulator's HTTP server: Ollama's endpoints (`/`, `/api/version`, `/api/tags`, `/api/show`, `/api/ps`,
-`/api/generate`, `/api/chat`), streaming NDJSON and single answers, Ollama's error bodies and codes, a
-capacity model like OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE, fault injection, and counters under
-`/_emulator/`. Each response is sent in one write on a TCP_NODELAY socket (no delayed-ACK stalls).
-Standard library only; must not import the pipeline.
+"""The emulator's HTTP server: Ollama v0.32.15's API as an ASGI app (Starlette, served by uvicorn).
+
+Endpoints follow server/routes.go at that tag: `/`, `/api/version`, `/api/tags`, `/api/show`, `/api/ps`,
+`/api/pull`, `/api/generate`, `/api/chat`, `/api/embed`, `/api/embeddings`; errors use its status codes and
+texts; streams send each chunk when it is produced. Scheduling and cost live in engine.py, request decoding
+in protocol.py, answers in answers.py, the injection rule in gullible.py. Fault injection and counters are
+under `/_emulator/`. asyncio sets TCP_NODELAY on every TCP transport, so small writes do not wait for
+delayed ACKs. Must not import the pipeline.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import hashlib
+import io
 import json
+import math
 import re
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ollama_pipeline.emulator.answers import Rng, answer_for, sentence
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
-VERSION = "0.12.6"
+from ollama_pipeline.emulator import protocol as proto
+from ollama_pipeline.emulator.answers import Rng, answer_for, generate, sentence, thinking_for
+from ollama_pipeline.emulator.engine import BUSY, Engine, Placement, Unit, count_tokens, text_units
+from ollama_pipeline.emulator.profiles import LEGACY_MODELS, MODELS, HostProfile, ModelProfile, host_profile
+from ollama_pipeline.emulator.protocol import RequestError
+
+VERSION = "0.32.15"  # the Ollama release this emulator follows (git tag v0.32.15)
 FAULT_KINDS = ("latency", "http_500", "http_503", "hang", "prose", "code_fence", "truncated", "reasoning",
                "bad_schema", "stream_error")
-DEFAULT_MODELS = ("llava:7b", "qwen2.5vl:7b", "llama3.2:3b", "qwen3:4b")
-_VISION_HINTS = ("llava", "vl", "vision", "gemma3", "moondream")
-_THINKING_HINTS = ("qwen3", "deepseek-r1", "gpt-oss")
+DEFAULT_MODELS = LEGACY_MODELS
 _MARKER = re.compile(r"\[\[fault:([a-z_0-9]+)(?::(\d+))?\]\]")
-BUSY = "server busy, please try again.  maximum pending requests exceeded"
+RUNNER_STOPPED = ("model runner has unexpectedly stopped, this may be due to resource limitations or an internal "
+                  "error, check ollama server logs for details")
+STREAM_EOF = "an error was encountered while running the model: unexpected EOF"
+
+
+def _llama_server_error(message: str, kind: str = "invalid_request_error", **extra: Any) -> str:
+    """llama-server's error body, which Ollama passes on as the error text (llm/llama_server.go statusErrorMessage)."""
+    return json.dumps({"error": {"code": 400, "message": message, "type": kind, **extra}}, separators=(",", ":"))
+
+
+NO_MULTIMODAL = _llama_server_error("Multimodal data provided, but model does not support multimodal requests.")
+BAD_IMAGE = _llama_server_error("Failed to load image or audio file")
 
 
 @dataclass
@@ -54,71 +76,109 @@ class Fault:
 
 @dataclass
 class EmulatorConfig:
+    """Where the emulator listens and which host it emulates (a profile, or the flat test host)."""
+
     host: str = "127.0.0.1"
     port: int = 11434
-    latency_ms: int = 0
-    parallel: int = 4
-    max_queue: int = 512
+    latency_ms: float = 0  # flat profile: what every call costs
+    parallel: int | None = None  # OLLAMA_NUM_PARALLEL (flat default 4; a profile's own otherwise)
+    max_queue: int | None = None  # OLLAMA_MAX_QUEUE
     faults: list[Fault] = field(default_factory=list)
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    models: list[str] | None = None
+    profile: str | None = None  # a HOSTS name; None: "flat"
+    time_scale: float | None = None
+    keep_alive_s: float | None = None  # OLLAMA_KEEP_ALIVE
+    max_loaded_models: int | None = None  # OLLAMA_MAX_LOADED_MODELS
+    vram_gib: float | None = None
+
+    def host_profile(self) -> HostProfile:
+        name = self.profile or "flat"
+        overrides: dict[str, Any] = {
+            "num_parallel": self.parallel, "max_queue": self.max_queue, "time_scale": self.time_scale,
+            "keep_alive_s": self.keep_alive_s, "max_loaded_models": self.max_loaded_models,
+            "models": tuple(self.models) if self.models else None,
+            "vram_bytes": int(self.vram_gib * 1024**3) if self.vram_gib else None}
+        if name == "flat":
+            overrides["flat_latency_ms"] = float(self.latency_ms or 0)
+        host = host_profile(name, **overrides)
+        unknown = [m for m in host.models if proto.normalize_name(m) not in _catalogue()]
+        if unknown:
+            raise ValueError(f"no emulator profile for model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+        return host
 
 
-def is_vision(model: str) -> bool:
-    return any(h in model.lower() for h in _VISION_HINTS)
+def _catalogue() -> dict[str, ModelProfile]:
+    """Every shipped model by normalized name and alias."""
+    out: dict[str, ModelProfile] = {}
+    for m in MODELS.values():
+        for n in (m.name, *m.aliases):
+            key = proto.normalize_name(n)
+            if key:
+                out[key] = m
+    return out
 
 
-def is_thinking(model: str) -> bool:
-    return any(h in model.lower() for h in _THINKING_HINTS)
+def _digest(model: ModelProfile) -> str:
+    return hashlib.sha256(f"emulated-weights:{model.name}".encode()).hexdigest()
 
 
-def _digest(model: str) -> str:
-    return hashlib.sha256(f"emulated-weights:{model}".encode()).hexdigest()
+def _go_time(ts: float) -> str:
+    """A time as Go's encoding/json writes it (RFC 3339 with nanoseconds and offset)."""
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return _go_time(time.time())
 
 
-class _State:
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+class _Stop(Exception):
+    pass
+
+
+class State:
+    """Everything the ASGI app shares: the engine, the pulled models, faults and the request log."""
+
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
-        self.lock = threading.Lock()
-        self.slots = threading.Semaphore(max(1, config.parallel))
-        self.stop = threading.Event()
+        self.host = config.host_profile()
+        self.engine = Engine(self.host)
+        catalogue = _catalogue()
+        self.pulled: dict[str, ModelProfile] = {}
+        for name in self.host.models:
+            self._add(catalogue[proto.normalize_name(name) or ""])
         self.faults: list[Fault] = list(config.faults)
         self.fault_counter = 0
-        self.loaded: dict[str, float] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
-        self.reset()
+        self.stop = asyncio.Event()
+        self.image_cache: dict[str, tuple[int, int] | None] = {}
 
-    def reset(self) -> None:
-        with self.lock:
-            self.requests = 0
-            self.model_calls = 0
-            self.by_path: dict[str, int] = {}
-            self.by_model: dict[str, int] = {}
-            self.inflight = 0
-            self.waiting = 0
-            self.max_inflight_seen = 0
-            self.rejected_busy = 0
-            self.recent.clear()
+    def _add(self, model: ModelProfile) -> None:
+        for n in (model.name, *model.aliases):
+            key = proto.normalize_name(n)
+            if key:
+                self.pulled[key] = model
 
-    def stats(self) -> dict[str, Any]:
-        with self.lock:
-            return {"requests": self.requests, "model_calls": self.model_calls, "by_path": dict(self.by_path),
-                    "by_model": dict(self.by_model), "inflight": self.inflight,
-                    "max_inflight_seen": self.max_inflight_seen, "rejected_busy": self.rejected_busy,
-                    "served": self.model_calls}
+    def find(self, raw: str) -> ModelProfile | None:
+        key = proto.normalize_name(raw)
+        return self.pulled.get(key) if key else None
+
+    def models(self) -> list[ModelProfile]:
+        seen: dict[str, ModelProfile] = {}
+        for m in self.pulled.values():
+            seen.setdefault(m.name, m)
+        return list(seen.values())
 
     def pick_fault(self, text: str, header: str | None) -> Fault | None:
         if header:
             return Fault.parse(header)
         marker = _MARKER.search(text)
-        if marker:
-            kind = marker.group(1)
-            if kind in FAULT_KINDS:
-                return Fault(kind=kind, arg=int(marker.group(2)) if marker.group(2) else None)
-        with self.lock:
+        if marker and marker.group(1) in FAULT_KINDS:
+            return Fault(kind=marker.group(1), arg=int(marker.group(2)) if marker.group(2) else None)
+        with self.engine.lock:
             for fault in self.faults:
                 if fault.match and fault.match not in text:
                     continue
@@ -127,329 +187,855 @@ class _State:
                 self.fault_counter += 1
                 if fault.rate < 1.0:
                     # deterministic spread: fire when the running fraction falls below the rate
-                    fires = int(self.fault_counter * fault.rate) != int((self.fault_counter - 1) * fault.rate)
-                    if not fires:
+                    if int(self.fault_counter * fault.rate) == int((self.fault_counter - 1) * fault.rate):
                         continue
                 if fault.count is not None:
                     fault.count -= 1
                 return fault
         return None
 
+    def image_size(self, data: bytes) -> tuple[int, int] | None:
+        """(width, height) of an image llama.cpp can decode (stb_image formats; Ollama turns WebP into PNG)."""
+        key = hashlib.sha256(data).hexdigest()
+        if key not in self.image_cache:
+            self.image_cache[key] = _decode_image(data)
+            if len(self.image_cache) > 4096:
+                self.image_cache.pop(next(iter(self.image_cache)))
+        return self.image_cache[key]
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "OllamaEmulator"
-    state: _State
 
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        return
+def _decode_image(data: bytes) -> tuple[int, int] | None:
+    from PIL import Image, UnidentifiedImageError
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("JPEG", "PNG", "BMP", "GIF", "TGA", "PPM", "PSD", "WEBP"):
+                return None
+            size = img.size
+            img.verify()
+            return size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
 
-    # ---- responses ------------------------------------------------------------------------------
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json; charset=utf-8") -> None:
-        reason = self.responses.get(status, ("",))[0]
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                f"Date: {self.date_time_string()}\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + (b"" if self.command == "HEAD" else body))
-        self.wfile.flush()
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, separators=(",", ":")).encode())
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+def _count(state: State, path: str) -> None:
+    with state.engine.lock:
+        state.engine.requests += 1
+        state.engine.by_path[path] = state.engine.by_path.get(path, 0) + 1
 
-    def _stream(self, chunks: list[dict[str, Any]]) -> None:
-        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
-                f"Date: {self.date_time_string()}\r\n\r\n").encode("latin-1")
-        parts = [head]
-        for chunk in chunks:
-            line = json.dumps(chunk, separators=(",", ":")).encode() + b"\n"
-            parts.append(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-        parts.append(b"0\r\n\r\n")
-        self.wfile.write(b"".join(parts))
-        self.wfile.flush()
 
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if not raw:
-            return None
-        return json.loads(raw)
+async def _body(request: Request, spec: tuple[str, dict[str, str]]) -> dict[str, Any]:
+    return proto.decode_struct(proto.decode_body(await request.body()), spec)
 
-    def _count(self, path: str) -> None:
-        with self.state.lock:
-            self.state.requests += 1
-            self.state.by_path[path] = self.state.by_path.get(path, 0) + 1
 
-    # ---- routing --------------------------------------------------------------------------------
+def _model_details(m: ModelProfile) -> dict[str, Any]:
+    return {"parent_model": "", "format": "gguf", "family": m.family, "families": list(m.families),
+            "parameter_size": m.parameter_size, "quantization_level": m.quantization}
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        self._count(path)
-        s = self.state
-        if path == "/":
-            self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
-        elif path == "/api/version":
-            self._json(200, {"version": VERSION})
-        elif path == "/api/tags":
-            self._json(200, {"models": [self._model_entry(m) for m in s.config.models]})
-        elif path == "/api/ps":
-            with s.lock:
-                loaded = list(s.loaded)
-            self._json(200, {"models": [{**self._model_entry(m), "expires_at": _now(), "size_vram": 4_000_000_000,
-                                         "context_length": 4096} for m in loaded]})
-        elif path == "/_emulator/stats":
-            self._json(200, s.stats())
-        elif path == "/_emulator/requests":
-            limit = 50
-            if "limit=" in self.path:
-                limit = int(self.path.split("limit=", 1)[1].split("&")[0] or 50)
-            with s.lock:
-                self._json(200, {"requests": list(s.recent)[-limit:]})
-        else:
-            self._error(404, "404 page not found")
+def _entry(m: ModelProfile) -> dict[str, Any]:
+    return {"name": m.name, "model": m.name, "modified_at": "2026-08-20T12:00:00Z",
+            "size": int(m.weights_gib * 1024**3), "digest": _digest(m), "details": _model_details(m)}
 
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
-        self._count(path)
-        try:
-            body = self._body()
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._error(400, f"invalid character in request body: {exc}")
+
+# ---- metadata endpoints ---------------------------------------------------------------------------------
+
+async def root(request: Request) -> Response:
+    _count(request.app.state.emu, "/")
+    return PlainTextResponse("Ollama is running")
+
+
+async def version(request: Request) -> Response:
+    _count(request.app.state.emu, "/api/version")
+    return JSONResponse({"version": VERSION})
+
+
+async def tags(request: Request) -> Response:
+    state: State = request.app.state.emu
+    _count(state, "/api/tags")
+    return JSONResponse({"models": [_entry(m) for m in state.models()]})
+
+
+async def ps(request: Request) -> Response:
+    state: State = request.app.state.emu
+    _count(state, "/api/ps")
+    rows = []
+    for runner in list(state.engine.loaded.values()):
+        m = runner.model
+        rows.append({**_entry(m), "expires_at": _go_time(runner.expires_at), "size": runner.memory,
+                     "size_vram": runner.memory, "context_length": runner.num_ctx})
+    rows.sort(key=lambda r: r["expires_at"], reverse=True)  # "longest duration remaining listed first"
+    return JSONResponse({"models": rows})
+
+
+async def show(request: Request) -> Response:
+    state: State = request.app.state.emu
+    _count(state, "/api/show")
+    try:
+        body = await _body(request, proto.SHOW)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    name = body.get("model") or body.get("name")
+    if not name:
+        return _error(400, "model is required")
+    m = state.find(name)
+    if m is None:
+        if proto.normalize_name(name) is None:
+            return _error(400, "invalid model name")
+        return _error(404, f"model '{name}' not found")
+    arch = m.architecture
+    info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": int(m.params_b * 1e9),
+                            "general.file_type": 15, f"{arch}.context_length": m.context_length}
+    if m.embedding_length:
+        info[f"{arch}.embedding_length"] = m.embedding_length
+    resp = {"license": "emulated", "modelfile": f"# Modelfile generated by \"ollama show\"\nFROM {m.name}\n",
+            "parameters": "", "template": "{{ .Prompt }}", "details": _model_details(m),
+            "model_info": info, "capabilities": list(m.capabilities), "modified_at": "2026-08-20T12:00:00Z",
+            "tensors": []}
+    if m.image is not None:
+        resp["projector_info"] = {"general.architecture": "clip", "clip.has_vision_encoder": True}
+    return JSONResponse(resp)
+
+
+async def pull(request: Request) -> Response:
+    state: State = request.app.state.emu
+    _count(state, "/api/pull")
+    try:
+        body = await _body(request, proto.PULL)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    raw = body.get("model") or body.get("name") or ""
+    key = proto.normalize_name(raw)
+    if not raw.strip() or key is None:
+        return _error(400, "invalid model name")
+    model = _catalogue().get(key)
+
+    async def progress() -> AsyncIterator[dict[str, Any]]:
+        yield {"status": "pulling manifest"}
+        if model is None:
+            yield {"error": "pull model manifest: file does not exist"}
             return
-        if path == "/_emulator/reset":
-            self.state.reset()
-            self._json(200, {"ok": True})
-        elif path == "/_emulator/faults":
-            try:
-                faults = [Fault(**f) for f in (body or {}).get("faults", [])]
-            except TypeError as exc:
-                self._error(400, str(exc))
-                return
-            with self.state.lock:
-                self.state.faults = faults
-            self._json(200, {"faults": len(faults)})
-        elif path == "/api/show":
-            model = (body or {}).get("model") or (body or {}).get("name")
-            if not model:
-                self._error(400, "model is required")
-            elif model not in self.state.config.models:
-                self._error(404, f"model '{model}' not found")
+        digest = "sha256:" + _digest(model)
+        total = int(model.weights_gib * 1024**3)
+        have = state.find(raw) is not None
+        for step in ((total,) if have else (0, total // 3, 2 * total // 3, total)):
+            yield {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": step}
+            await asyncio.sleep(0)
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        state._add(model)
+        yield {"status": "success"}
+
+    if body.get("stream") is False:  # waitForStream: the last progress line, or the error with 500
+        last: dict[str, Any] = {}
+        async for item in progress():
+            if "error" in item:
+                return _error(500, item["error"])
+            last = item
+        return JSONResponse(last)
+    return StreamingResponse(_ndjson(progress()), media_type="application/x-ndjson")
+
+
+async def _ndjson(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for item in items:
+        yield json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+# ---- emulator-only endpoints ----------------------------------------------------------------------------
+
+async def emu_stats(request: Request) -> Response:
+    return JSONResponse(request.app.state.emu.engine.snapshot())
+
+
+async def emu_requests(request: Request) -> Response:
+    state: State = request.app.state.emu
+    limit = int(request.query_params.get("limit") or 50)
+    with state.engine.lock:
+        return JSONResponse({"requests": list(state.recent)[-limit:]})
+
+
+async def emu_events(request: Request) -> Response:
+    state: State = request.app.state.emu
+    with state.engine.lock:
+        return JSONResponse({"events": list(state.engine.events)})
+
+
+async def emu_profile(request: Request) -> Response:
+    state: State = request.app.state.emu
+    h = state.host
+    return JSONResponse({"profile": h.name, "num_parallel": h.num_parallel, "max_loaded_models": h.max_runners,
+                         "max_queue": h.max_queue, "keep_alive_s": h.keep_alive_s, "vram_bytes": h.vram_bytes,
+                         "time_scale": h.time_scale, "default_num_ctx": h.default_num_ctx,
+                         "flat_latency_ms": h.flat_latency_ms,
+                         "models": {m.name: {"parallel": h.parallel_for(m), "rates": m.rates()} for m in state.models()}})
+
+
+async def emu_reset(request: Request) -> Response:
+    state: State = request.app.state.emu
+    state.engine.reset()
+    with state.engine.lock:
+        state.recent.clear()
+    return JSONResponse({"ok": True})
+
+
+async def emu_faults(request: Request) -> Response:
+    state: State = request.app.state.emu
+    try:
+        body = json.loads(await request.body() or b"{}")
+        faults = [Fault(**f) for f in (body or {}).get("faults", [])]
+    except (TypeError, ValueError) as exc:
+        return _error(400, str(exc))
+    with state.engine.lock:
+        state.faults = faults
+    return JSONResponse({"faults": len(faults)})
+
+
+# ---- prompts --------------------------------------------------------------------------------------------
+
+def _render(messages: list[dict[str, Any]], sizes: dict[int, tuple[str, int]]) -> tuple[list[Unit], str]:
+    """A chat template's token units (message headers, images before each message's text, as
+    server/prompt.go imageTaggedMessages places them) and the plain text the model reads."""
+    units: list[Unit] = []
+    text_parts: list[str] = []
+    image_index = 0
+    for msg in messages:
+        units.extend(text_units(f"<|{msg.get('role') or 'user'}|>\n"))
+        for _ in msg.get("images") or []:
+            digest, tokens = sizes[image_index]
+            units.append(Unit("i" + digest, tokens))
+            image_index += 1
+        content = msg.get("content") or ""
+        units.extend(text_units(content + "\n"))
+        text_parts.append(content)
+    units.extend(text_units("<|assistant|>\n"))
+    return units, "\n".join(text_parts)
+
+
+# ---- completions ----------------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    chat: bool
+    name: str  # as the client wrote it (echoed in answers and errors)
+    model: ModelProfile
+    messages: list[dict[str, Any]]
+    images: list[bytes]
+    fmt: Any
+    options: dict[str, Any]
+    raw_options: dict[str, Any]
+    stream: bool
+    think: bool | str | None
+    keep_alive_s: float | None
+    tools: list[Any]
+    truncate: bool
+    raw: bool
+
+
+def _think_on(call: Call) -> bool:
+    return bool(call.think) and "thinking" in call.model.capabilities
+
+
+async def completion(request: Request) -> Response:
+    state: State = request.app.state.emu
+    chat = request.url.path == "/api/chat"
+    path = "/api/chat" if chat else "/api/generate"
+    _count(state, path)
+    started = time.perf_counter()
+    try:
+        body = await _body(request, proto.CHAT if chat else proto.GENERATE)
+        call = _prepare(state, body, chat)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    if isinstance(call, Response):
+        return call
+    engine = state.engine
+    try:
+        options = proto.check_options(call.raw_options)  # modelOptions → FromMap: a wrong type fails here
+        call.options = options
+        placement = await engine.get_runner(call.model, options, call.keep_alive_s)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    runner = placement.runner
+    try:
+        empty = (not call.messages) if chat else not (call.messages[-1].get("content") or "")
+        if empty:  # "load the model": an empty prompt or no messages
+            answer: dict[str, Any] = {"model": call.name, "created_at": _now(), "done": True, "done_reason": "load"}
+            if chat:
+                answer["message"] = {"role": "assistant", "content": ""}
             else:
-                self._json(200, self._show(model))
-        elif path in ("/api/generate", "/api/chat"):
-            self._completion(path, body)
-        else:
-            self._error(404, "404 page not found")
+                answer["response"] = ""
+            engine.release(runner)
+            runner = None
+            return JSONResponse(answer)
+        events = _run(state, call, placement, request.headers.get("X-Emulator-Fault"), started)
+        first = await events.__anext__()
+    except BaseException:
+        if runner is not None:
+            engine.release(runner)
+        raise
+    if "error" in first and first.get("status"):
+        engine.release(runner)
+        await events.aclose()
+        return _error(first["status"], first["error"])
 
-    # ---- models ---------------------------------------------------------------------------------
-
-    def _model_entry(self, model: str) -> dict[str, Any]:
-        family = model.split(":")[0].rstrip("0123456789.")
-        return {"name": model, "model": model, "modified_at": "2026-10-01T12:00:00Z", "size": 4_700_000_000,
-                "digest": _digest(model),
-                "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-                            "parameter_size": (model.split(":")[1].upper() if ":" in model else "7B"),
-                            "quantization_level": "Q4_K_M"}}
-
-    def _show(self, model: str) -> dict[str, Any]:
-        caps = ["completion"] + (["vision"] if is_vision(model) else []) + (["thinking"] if is_thinking(model) else [])
-        entry = self._model_entry(model)
-        return {"license": "emulated", "modelfile": f"FROM {model}", "parameters": "temperature 0.8",
-                "template": "{{ .Prompt }}", "details": entry["details"], "modified_at": entry["modified_at"],
-                "model_info": {"general.architecture": entry["details"]["family"],
-                               "general.parameter_count": 7_000_000_000, "llama.context_length": 4096},
-                "capabilities": caps}
-
-    # ---- completions ----------------------------------------------------------------------------
-
-    def _completion(self, path: str, body: Any) -> None:
-        s = self.state
-        if not isinstance(body, dict):
-            self._error(400, "missing request body")
-            return
-        model = body.get("model")
-        if not model:
-            self._error(400, "model is required")
-            return
-        if model not in s.config.models:
-            self._error(404, f"model '{model}' not found")
-            return
-        chat = path == "/api/chat"
-        if chat:
-            messages = body.get("messages") or []
-            text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-            images = [i for m in messages if isinstance(m, dict) for i in (m.get("images") or [])]
-        else:
-            text = f"{body.get('system') or ''}\n{body.get('prompt') or ''}"
-            images = list(body.get("images") or [])
-        sizes = []
-        for img in images:
-            try:
-                sizes.append(len(base64.b64decode(img, validate=True)))
-            except (binascii.Error, ValueError, TypeError):
-                self._error(400, "illegal base64 data at input byte 0")
-                return
-        if images and not is_vision(model):
-            self._error(500, f"model '{model}' does not support images")
-            return
-        if body.get("think") is True and not is_thinking(model):
-            self._error(400, f'"{model}" does not support thinking')
-            return
-        fmt = body.get("format")
-        options = body.get("options") or {}
-        stream = body.get("stream", True)
-        with s.lock:
-            s.recent.append({"path": path, "model": model, "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                             "images": len(images), "image_bytes": sizes,
-                             "format": "schema" if isinstance(fmt, dict) else (fmt or None), "options": options})
-            if s.inflight + s.waiting >= s.config.parallel + s.config.max_queue:
-                s.rejected_busy += 1
-                busy = True
-            else:
-                s.waiting += 1
-                busy = False
-        if busy:
-            self._error(503, BUSY)
-            return
-        s.slots.acquire()
-        with s.lock:
-            s.waiting -= 1
-            s.inflight += 1
-            s.max_inflight_seen = max(s.max_inflight_seen, s.inflight)
-            s.model_calls += 1
-            s.by_model[model] = s.by_model.get(model, 0) + 1
-            s.loaded[model] = time.time()
+    async def rest() -> AsyncIterator[dict[str, Any]]:
         try:
-            self._answer(chat, model, text, images, fmt, options, stream, body)
+            yield first
+            async for item in events:
+                yield item
         finally:
-            with s.lock:
-                s.inflight -= 1
-            s.slots.release()
+            engine.release(runner)
 
-    def _answer(self, chat: bool, model: str, text: str, images: list[str], fmt: Any, options: dict[str, Any],
-                stream: bool, body: dict[str, Any]) -> None:
-        s = self.state
-        started = time.perf_counter()
-        fault = s.pick_fault(text, self.headers.get("X-Emulator-Fault"))
-        latency = s.config.latency_ms
+    if not call.stream:
+        merged: dict[str, Any] = {}
+        content: list[str] = []
+        thinking: list[str] = []
+        async for item in rest():
+            if "error" in item:
+                return _error(item.get("status") or 500, item["error"])
+            part = item.get("message", {}) if chat else item
+            content.append(part.get("content" if chat else "response") or "")
+            thinking.append(part.get("thinking") or "")
+            merged = item
+        final = dict(merged)
+        if chat:
+            final["message"] = {**final.get("message", {"role": "assistant"}), "content": "".join(content)}
+            if any(thinking):
+                final["message"]["thinking"] = "".join(thinking)
+        else:
+            final["response"] = "".join(content)
+            if any(thinking):
+                final["thinking"] = "".join(thinking)
+        return JSONResponse(final)
+    return StreamingResponse(_ndjson(rest()), media_type="application/x-ndjson")
+
+
+def _prepare(state: State, body: dict[str, Any], chat: bool) -> Call | Response:
+    """Checks that routes.go makes before it schedules a runner."""
+    name = body.get("model") or ""
+    if proto.normalize_name(name) is None and name.strip():
+        return _error(400, "invalid model name")
+    if not name.strip():
+        return _error(400, "model is required") if chat else _error(404, f"model '{name}' not found")
+    top = body.get("top_logprobs") or 0
+    if top < 0 or top > 20:
+        return _error(400, "top_logprobs must be between 0 and 20")
+    model = state.find(name)
+    if model is None:
+        return _error(404, f"model '{name}' not found")
+    keep_alive = body.get("keep_alive")
+    if chat:
+        messages = body.get("messages") or []
+        images = [img for m in messages for img in (m.get("images") or [])]
+        if not messages and keep_alive == 0:
+            state.engine.expire_now(model)
+            return JSONResponse({"model": name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                                 "done": True, "done_reason": "unload"})
+    else:
+        prompt = body.get("prompt") or ""
+        if not prompt and keep_alive == 0:
+            state.engine.expire_now(model)
+            return JSONResponse({"model": name, "created_at": _now(), "response": "", "done": True,
+                                 "done_reason": "unload"})
+        if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
+            return _error(400, "raw mode does not support template, system, or context")
+        images = list(body.get("images") or [])
+        messages = []
+        if body.get("system") and not body.get("raw"):
+            messages.append({"role": "system", "content": body["system"]})
+        messages.append({"role": "user", "content": prompt, "images": images})
+    think = body.get("think")
+    caps = model.capabilities
+    if "completion" not in caps:
+        return _error(400, f'"{name}" does not support {"chat" if chat else "generate"}')
+    if "thinking" in caps:
+        if think is None:
+            think = True  # routes.go: thinking models think unless told not to
+    elif think:
+        return _error(400, f'"{name}" does not support thinking')
+    tools = body.get("tools") or []
+    if tools and "tools" not in caps:
+        return _error(400, f"registry.ollama.ai/library/{model.name} does not support tools")
+    return Call(chat=chat, name=name, model=model, messages=messages, images=images, fmt=body.get("format"),
+                options={}, raw_options=body.get("options") or {}, stream=body.get("stream") is not False,
+                think=think, keep_alive_s=keep_alive, tools=tools, truncate=body.get("truncate") is not False,
+                raw=bool(body.get("raw")))
+
+
+async def _run(state: State, call: Call, placement: Placement, fault_header: str | None,
+               started: float) -> AsyncIterator[dict[str, Any]]:
+    """One completion on a runner slot; yields Ollama's chunks (an error first carries its status)."""
+    engine = state.engine
+    runner = placement.runner
+    model = call.model
+    queued = time.perf_counter()
+    with engine.lock:
+        engine.waiting += 1
+    try:
+        await runner.sem.acquire()
+    finally:
+        with engine.lock:
+            engine.waiting -= 1
+    slot_wait_wall = time.perf_counter() - queued
+    slot = None
+    try:
+        with engine.lock:
+            engine.inflight += 1
+            engine.max_inflight_seen = max(engine.max_inflight_seen, engine.inflight)
+            engine.model_calls += 1
+            engine.by_model[model.name] = engine.by_model.get(model.name, 0) + 1
+            c = engine.c(model.name)
+            c.requests += 1
+            runner.active += 1
+            c.max_concurrent = max(c.max_concurrent, runner.active)
+        text = "\n".join(m.get("content") or "" for m in call.messages)
+        fault = state.pick_fault(text, fault_header)
+        with engine.lock:
+            state.recent.append({
+                "path": "/api/chat" if call.chat else "/api/generate", "model": model.name,
+                "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(), "images": len(call.images),
+                "image_bytes": [len(i) for i in call.images],
+                "format": "schema" if isinstance(call.fmt, dict) else (call.fmt or None),
+                "options": call.raw_options, "think": call.think, "keep_alive": call.keep_alive_s,
+                "num_ctx": runner.num_ctx})
         if fault and fault.kind == "latency":
-            latency = fault.arg or 0
-        if latency:
-            s.stop.wait(latency / 1000.0)
+            await asyncio.sleep((fault.arg or 0) / 1000.0)
         if fault and fault.kind == "hang":
-            s.stop.wait(120)
+            try:
+                await asyncio.wait_for(state.stop.wait(), 120)
+            except TimeoutError:
+                pass
+            yield {"error": RUNNER_STOPPED, "status": 500}
             return
         if fault and fault.kind == "http_500":
-            self._error(500, "llama runner process has terminated: exit status 2")
+            yield {"error": RUNNER_STOPPED, "status": 500}
             return
         if fault and fault.kind == "http_503":
-            self._error(503, BUSY)
+            yield {"error": BUSY, "status": 503}
             return
-        seed_material = json.dumps([model, text, [hashlib.sha256(i.encode()).hexdigest() for i in images], fmt,
-                                    options.get("seed")], sort_keys=True)
-        content = answer_for(seed_material, fmt, text)
-        done_reason = "stop"
+        try:
+            fmt = proto.check_format(call.fmt)
+        except RequestError as exc:
+            yield {"error": exc.message, "status": exc.status}
+            return
+        # media: a model without a projector refuses them; bytes stb_image cannot decode are refused too
+        sizes: dict[int, tuple[str, int]] = {}
+        if call.images:
+            if model.image is None:
+                yield {"error": NO_MULTIMODAL, "status": 400}
+                return
+            for i, data in enumerate(call.images):
+                dims = state.image_size(data)
+                if dims is None:
+                    yield {"error": BAD_IMAGE, "status": 400}
+                    return
+                sizes[i] = (hashlib.sha256(data).hexdigest()[:16], model.image.tokens_for(*dims))
+        units, plain = _render(call.messages, sizes)
+        if call.raw:
+            units = text_units(plain)
+        prompt_tokens = count_tokens(units)
+        num_ctx = runner.num_ctx
+        if prompt_tokens > num_ctx - 1:
+            if call.images or not call.truncate:
+                yield {"error": _llama_server_error(
+                    f"request ({prompt_tokens} tokens) exceeds the available context size ({num_ctx} tokens), "
+                    "try increasing it", "exceed_context_size_error", n_prompt_tokens=prompt_tokens, n_ctx=num_ctx),
+                    "status": 400}
+                return
+            # llm/llama_server.go completionPromptForRequest: keep num_keep tokens, drop the middle
+            keep = min(max(0, int(call.options.get("num_keep", 4))) + 1, num_ctx - 1)
+            limit = num_ctx - max((num_ctx - keep) // 2, 1)
+            units = units[:keep] + units[len(units) - (limit - keep):]
+            prompt_tokens = count_tokens(units)
+        # slot and prefix cache
+        slot = engine.pick_slot(runner, units)
+        slot.busy = True
+        cached = min(engine_prefix(slot.units, units), prompt_tokens - 1)
+        image_total = sum(u.tokens for u in units if u.key.startswith("i"))
+        image_cached = _image_tokens_in_prefix(units, cached)
+        prefill_tokens = prompt_tokens - cached
+        # the answer
+        seed_material = json.dumps([model.name, plain, [s[0] for s in sizes.values()], call.fmt,
+                                    call.options.get("seed")], sort_keys=True, default=str)
+        content = answer_for(seed_material, fmt, plain)
         kind = fault.kind if fault else None
         if kind == "prose":
             content = sentence(Rng(seed_material + "prose"))
         elif kind == "code_fence":
             content = f"```json\n{content}\n```"
-        elif kind == "truncated":
-            content = content[: max(1, len(content) // 2)]
-            done_reason = "length"
         elif kind == "reasoning":
             content = f"Let me think about this image step by step. The answer is:\n{content}"
         elif kind == "bad_schema":
             content = json.dumps({"unexpected": True})
-        prompt_tokens = max(1, len(text) // 4) + 576 * len(images)
-        eval_tokens = max(1, len(content) // 4)
-        elapsed = int((time.perf_counter() - started) * 1e9) + 1
-        final = {"model": model, "created_at": _now(), "done": True, "done_reason": done_reason,
-                 "total_duration": elapsed, "load_duration": 1_000_000, "prompt_eval_count": prompt_tokens,
-                 "prompt_eval_duration": elapsed // 3, "eval_count": eval_tokens, "eval_duration": elapsed // 2}
-        if not stream:
-            if chat:
-                final["message"] = {"role": "assistant", "content": content}
+        tool_calls = _tool_calls(call, seed_material)
+        if tool_calls:
+            content = ""
+        thinking = thinking_for(seed_material, model.thinking_tokens or 300) if _think_on(call) else ""
+        think_tokens = math.ceil(len(thinking) / 4)
+        content_tokens = max(1, math.ceil(len(content) / 4))
+        done_reason = "stop"
+        budget = int(call.options.get("num_predict", -1))
+        if budget < 0 or budget > 10 * num_ctx:
+            budget = 10 * num_ctx  # boundedNumPredict: open-ended generations stop at 10 × num_ctx
+        if kind == "truncated":
+            content = content[: max(1, len(content) // 2)]
+            content_tokens = max(1, math.ceil(len(content) / 4))
+            done_reason = "length"
+        if think_tokens + content_tokens > budget:
+            done_reason = "length"
+            if think_tokens >= budget:
+                thinking, content, think_tokens, content_tokens = thinking[: budget * 4], "", budget, 0
             else:
-                final["response"] = content
-            self._json(200, final)
+                content_tokens = budget - think_tokens
+                content = content[: content_tokens * 4]
+            tool_calls = []
+        output_tokens = think_tokens + content_tokens
+        prefill_s, decode_s = engine.cost(model, prefill_tokens, output_tokens)
+        with engine.lock:
+            c = engine.c(model.name)
+            c.prompt_tokens += prompt_tokens
+            c.prefill_tokens += prefill_tokens
+            c.cached_tokens += cached
+            c.cache_hits += 1 if cached > 0 else 0
+            c.image_tokens += image_total
+            c.image_tokens_cached += image_cached
+            c.output_tokens += output_tokens
+            c.thinking_tokens += think_tokens
+            c.prefill_s += prefill_s
+            c.decode_s += decode_s
+        # prefill, then stream the tokens as they are decoded
+        await engine.clock.sleep(prefill_s)
+        pieces: list[tuple[str, str]] = [("thinking", thinking[i : i + 16]) for i in range(0, len(thinking), 16)]
+        pieces += [("content", content[i : i + 16]) for i in range(0, len(content), 16)]
+        per_piece = decode_s / max(1, len(pieces))
+        debt = 0.0
+        for i, (field_name, piece) in enumerate(pieces):
+            if kind == "stream_error" and i == len(pieces) // 2 and i > 0:
+                yield {"error": STREAM_EOF}
+                return
+            debt += per_piece
+            if engine.clock.wall(debt) >= 0.002 or i == len(pieces) - 1:
+                await engine.clock.sleep(debt)
+                debt = 0.0
+            yield _chunk(call, field_name, piece)
+        if not pieces:
+            await engine.clock.sleep(decode_s)
+        if kind == "stream_error":
+            yield {"error": STREAM_EOF}
             return
-        pieces = [content[i : i + 16] for i in range(0, len(content), 16)] or [""]
-        chunks: list[dict[str, Any]] = []
-        for i, piece in enumerate(pieces):
-            if kind == "stream_error" and i == len(pieces) // 2:
-                chunks.append({"error": "an error was encountered while running the model: unexpected EOF"})
-                break
-            chunk: dict[str, Any] = {"model": model, "created_at": _now(), "done": False}
-            if chat:
-                chunk["message"] = {"role": "assistant", "content": piece}
-            else:
-                chunk["response"] = piece
-            chunks.append(chunk)
-        else:
-            if chat:
-                final["message"] = {"role": "assistant", "content": ""}
-            else:
-                final["response"] = ""
-            chunks.append(final)
-        self._stream(chunks)
+        slot.units = units + text_units(thinking + content)
+        slot_wait_s = slot_wait_wall * engine.clock.scale if slot_wait_wall > 0.002 else 0.0
+        load_s = placement.load_s
+        final = _chunk(call, "content", "")
+        final.update({"done": True, "done_reason": done_reason,
+                      "total_duration": _ns(load_s + slot_wait_s + prefill_s + decode_s),
+                      "load_duration": _ns(load_s), "prompt_eval_count": prompt_tokens,
+                      "prompt_eval_duration": _ns(prefill_s), "eval_count": output_tokens,
+                      "eval_duration": _ns(decode_s)})
+        if tool_calls:
+            final["message"]["tool_calls"] = tool_calls
+        if not call.chat and not call.raw:
+            final["context"] = _context_tokens(seed_material, prompt_tokens + output_tokens)
+        yield final
+    finally:
+        if slot is not None:
+            slot.busy = False
+            slot.last_used = time.perf_counter()
+        with engine.lock:
+            engine.inflight -= 1
+            runner.active -= 1
+        runner.sem.release()
+
+
+def engine_prefix(a: list[Unit], b: list[Unit]) -> int:
+    from ollama_pipeline.emulator.engine import common_prefix_tokens
+
+    return common_prefix_tokens(a, b)
+
+
+def _image_tokens_in_prefix(units: list[Unit], cached: int) -> int:
+    total = seen = 0
+    for u in units:
+        if seen + u.tokens > cached:
+            break
+        seen += u.tokens
+        if u.key.startswith("i"):
+            total += u.tokens
+    return total
+
+
+def _chunk(call: Call, field_name: str, piece: str) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"model": call.name, "created_at": _now(), "done": False}
+    if call.chat:
+        chunk["message"] = {"role": "assistant", "content": piece if field_name == "content" else ""}
+        if field_name == "thinking":
+            chunk["message"]["thinking"] = piece
+    else:
+        chunk["response"] = piece if field_name == "content" else ""
+        if field_name == "thinking":
+            chunk["thinking"] = piece
+    return chunk
+
+
+def _context_tokens(seed: str, count: int) -> list[int]:
+    base = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16)
+    return [(base + i * 2654435761) % 128000 for i in range(count)]
+
+
+def _tool_calls(call: Call, seed: str) -> list[dict[str, Any]]:
+    """A call of the first tool when the last message is the user's (tools are answered with content after)."""
+    if not call.chat or not call.tools or (call.messages and call.messages[-1].get("role") == "tool"):
+        return []
+    tool = call.tools[0] if isinstance(call.tools[0], dict) else {}
+    fn = tool.get("function") or {}
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    args = generate(params, Rng(seed + ":tool")) if isinstance(params, dict) else {}
+    return [{"id": "call_" + hashlib.sha256(seed.encode()).hexdigest()[:8],
+             "function": {"index": 0, "name": fn.get("name") or "tool", "arguments": args}}]
+
+
+# ---- embeddings -----------------------------------------------------------------------------------------
+
+def _vector(text: str, dims: int) -> list[float]:
+    values = []
+    counter = 0
+    while len(values) < dims:
+        digest = hashlib.sha256(f"{text}:{counter}".encode()).digest()
+        values.extend((b - 127.5) / 127.5 for b in digest)
+        counter += 1
+    vec = values[:dims]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
+
+
+async def _embed_texts(state: State, model: ModelProfile, texts: list[str], options: dict[str, Any],
+                       keep_alive: float | None, dims: int = 0) -> tuple[list[list[float]], int, float, float]:
+    engine = state.engine
+    placement = await engine.get_runner(model, options, keep_alive)
+    runner = placement.runner
+    try:
+        tokens = 0
+        seconds = 0.0
+        out = []
+        for text in texts:
+            await runner.sem.acquire()
+            try:
+                n = min(max(1, math.ceil(len(text) / 4)), runner.num_ctx)  # truncated to the context by default
+                prefill_s, _ = engine.cost(model, n, 0)
+                if engine.host.flat_latency_ms is not None:
+                    prefill_s = 0.0
+                with engine.lock:
+                    c = engine.c(model.name)
+                    c.requests += 1
+                    c.prompt_tokens += n
+                    c.prefill_tokens += n
+                    c.prefill_s += prefill_s
+                await engine.clock.sleep(prefill_s)
+            finally:
+                runner.sem.release()
+            vec = _vector(text, model.embedding_length or 768)
+            if 0 < dims < len(vec):
+                norm = math.sqrt(sum(v * v for v in vec[:dims])) or 1.0
+                vec = [v / norm for v in vec[:dims]]
+            out.append(vec)
+            tokens += n
+            seconds += prefill_s
+        return out, tokens, placement.load_s, seconds
+    finally:
+        engine.release(runner)
+
+
+async def embed(request: Request) -> Response:
+    state: State = request.app.state.emu
+    _count(state, "/api/embed")
+    try:
+        body = await _body(request, proto.EMBED)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    name = body.get("model") or ""
+    if not name.strip():
+        return _error(404, f"model '{name}' not found")
+    raw_input = body.get("input")
+    if isinstance(raw_input, str):
+        texts = [raw_input] if raw_input else []
+    elif isinstance(raw_input, list) and all(isinstance(v, str) for v in raw_input):
+        texts = list(raw_input)
+    elif raw_input is None:
+        texts = []
+    else:
+        return _error(400, "invalid input type")
+    model = state.find(name)
+    if model is None:
+        return _error(404, f'model "{name}" not found, try pulling it first')
+    try:
+        options = proto.check_options(body.get("options"))
+        vectors, tokens, load_s, seconds = await _embed_texts(state, model, texts, options, body.get("keep_alive"),
+                                                              body.get("dimensions") or 0)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    if not texts:
+        return JSONResponse({"model": name, "embeddings": []})
+    return JSONResponse({"model": name, "embeddings": vectors, "total_duration": _ns(load_s + seconds),
+                         "load_duration": _ns(load_s), "prompt_eval_count": tokens})
+
+
+async def embeddings(request: Request) -> Response:
+    state: State = request.app.state.emu
+    _count(state, "/api/embeddings")
+    try:
+        body = await _body(request, proto.EMBEDDINGS)
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    name = body.get("model") or ""
+    if not name.strip():
+        return _error(400, "model is required")
+    model = state.find(name)
+    if model is None:
+        return _error(404, f'model "{name}" not found, try pulling it first')
+    prompt = body.get("prompt") or ""
+    try:
+        options = proto.check_options(body.get("options"))
+        vectors, _, _, _ = await _embed_texts(state, model, [prompt] if prompt else [], options,
+                                              body.get("keep_alive"))
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    return JSONResponse({"embedding": vectors[0] if vectors else []})
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse("404 page not found", status_code=404)
+
+
+def build_app(config: EmulatorConfig) -> Starlette:
+    """The ASGI app of one emulated host."""
+    state = State(config)
+
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.engine.start()
+        yield
+        state.stop.set()
+        await state.engine.close()
+
+    routes = [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/version", version, methods=["GET", "HEAD"]),
+        Route("/api/tags", tags, methods=["GET", "HEAD"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/generate", completion, methods=["POST"]),
+        Route("/api/chat", completion, methods=["POST"]),
+        Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/embeddings", embeddings, methods=["POST"]),
+        Route("/_emulator/stats", emu_stats, methods=["GET"]),
+        Route("/_emulator/requests", emu_requests, methods=["GET"]),
+        Route("/_emulator/events", emu_events, methods=["GET"]),
+        Route("/_emulator/profile", emu_profile, methods=["GET"]),
+        Route("/_emulator/reset", emu_reset, methods=["POST"]),
+        Route("/_emulator/faults", emu_faults, methods=["POST"]),
+    ]
+    from contextlib import asynccontextmanager
+
+    app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan),
+                    exception_handlers={404: not_found, 405: not_found})
+    app.state.emu = state
+    return app
 
 
 class EmulatorServer:
-    """Runs the emulator in a background thread; `base_url`, `stats()`, `set_faults()`, `stop()`."""
+    """Runs one emulated host (uvicorn on its own event loop, in a background thread).
+
+    `base_url`, `stats()`, `reset_stats()`, `set_faults()`, `stop()`; usable as a context manager.
+    """
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
+        import uvicorn
+
         self.config = config or EmulatorConfig()
-        self._state = _State(self.config)
-        handler = type("Handler", (_Handler,), {"state": self._state})
-        self._httpd = ThreadingHTTPServer((self.config.host, self.config.port), handler)
-        self._httpd.daemon_threads = True
-        self._httpd.request_queue_size = 1024
+        self.app = build_app(self.config)
+        self._state: State = self.app.state.emu
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.config.host, self.config.port))
+        self._sock.listen(1024)
+        self._server = uvicorn.Server(uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=1,
+            timeout_keep_alive=30, backlog=1024))
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return int(self._sock.getsockname()[1])
 
     @property
     def base_url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
     def start(self) -> EmulatorServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="ollama-emulator", daemon=True)
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+
+            async def main() -> None:
+                task = loop.create_task(self._server.serve(sockets=[self._sock]))
+                while not self._server.started and not task.done():
+                    await asyncio.sleep(0.005)
+                ready.set()
+                await task
+
+            try:
+                loop.run_until_complete(main())
+            finally:
+                ready.set()
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="ollama-emulator", daemon=True)
         self._thread.start()
+        ready.wait(30)
+        if not self._server.started:
+            raise RuntimeError("the emulator did not start")
         return self
 
     def serve_forever(self) -> None:
-        self._httpd.serve_forever(poll_interval=0.1)
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
 
     def stats(self) -> dict[str, Any]:
-        return self._state.stats()
+        return self._state.engine.snapshot()
 
     def reset_stats(self) -> None:
-        self._state.reset()
+        self._state.engine.reset()
+        with self._state.engine.lock:
+            self._state.recent.clear()
 
     def set_faults(self, faults: list[Fault | dict[str, Any] | str]) -> None:
         parsed = [f if isinstance(f, Fault) else Fault.parse(f) if isinstance(f, str) else Fault(**f) for f in faults]
-        with self._state.lock:
+        with self._state.engine.lock:
             self._state.faults = parsed
 
     def stop(self) -> None:
-        self._state.stop.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._state.stop.set)
+            except RuntimeError:
+                pass
+        self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
 
     def __enter__(self) -> EmulatorServer:
         return self.start()
