@@ -29,7 +29,6 @@ BUSY = "server busy, please try again.  maximum pending requests exceeded"
 # llama.cpp server's slot selection: a slot whose cached prompt is at least this similar is reused
 # (server `--slot-prompt-similarity`, default 0.1); otherwise the least recently used idle slot.
 SLOT_SIMILARITY = 0.1
-JITTER_WALL_S = 0.002  # waits shorter than this (wall) are scheduling noise, not modeled time
 
 
 @dataclass(frozen=True)
@@ -153,6 +152,7 @@ class Request:
     num_batch_auto: bool
     future: asyncio.Future[Placement] | None = None
     queued_at: float = 0.0
+    queued_behind: bool = False
 
 
 class Engine:
@@ -164,6 +164,7 @@ class Engine:
         self.loaded: dict[str, Runner] = {}
         self.pending: asyncio.Queue[Request] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._busy = False
         self.lock = threading.Lock()  # counters are read from other threads
         self.counters: dict[str, ModelCounters] = {}
         self.events: list[dict[str, Any]] = []
@@ -242,6 +243,7 @@ class Engine:
         assert self.pending is not None
         req.future = asyncio.get_running_loop().create_future()
         req.queued_at = time.perf_counter()
+        req.queued_behind = self._busy or not self.pending.empty()
         try:
             self.pending.put_nowait(req)
         except asyncio.QueueFull:
@@ -329,18 +331,18 @@ class Engine:
             req = await self.pending.get()
             if req.future is None or req.future.done():
                 continue
-            started = time.perf_counter()
-            waited_wall = started - req.queued_at
+            # time spent behind other pending requests counts only when the loop was busy with them
+            waited = time.perf_counter() - req.queued_at if req.queued_behind else 0.0
+            self._busy = True
             try:
                 placement = await self._place(req)
             except Exception as exc:  # a failed load answers that request only
                 if not req.future.done():
                     req.future.set_exception(exc)
                 continue
-            blocked = time.perf_counter() - started - self.clock.wall(placement.load_s)
-            extra_wall = (waited_wall if waited_wall > JITTER_WALL_S else 0.0) + (
-                blocked if blocked > JITTER_WALL_S else 0.0)
-            placement.load_s += extra_wall * self.clock.scale
+            finally:
+                self._busy = False
+            placement.load_s += waited * self.clock.scale
             if req.future.done():  # the client went away while we loaded
                 self.release(placement.runner)
             else:
@@ -348,6 +350,7 @@ class Engine:
 
     async def _place(self, req: Request) -> Placement:
         name = req.model.name
+        waited = 0.0
         while True:
             runner = self.loaded.get(name)
             victim: Runner | None = None
@@ -355,12 +358,12 @@ class Engine:
             if runner is not None:
                 if not self.needs_reload(runner, req):
                     self._use(runner, req)
-                    return Placement(runner)
+                    return Placement(runner, load_s=waited * self.clock.scale)
                 victim, why = runner, "reload"
             elif len(self.loaded) >= self.host.max_runners:
                 victim, why = self._runner_to_unload(), "max_loaded_models"
             elif self._fits(req.model, req.options):
-                return Placement(await self._load(req), load_s=self._load_s(req.model))
+                return Placement(await self._load(req), load_s=self._load_s(req.model) + waited * self.clock.scale)
             else:
                 victim, why = self._runner_to_unload(), "memory"
             if victim is None:
@@ -376,7 +379,10 @@ class Engine:
             if victim.timer is not None:
                 victim.timer.cancel()
                 victim.timer = None
-            await victim.idle.wait()
+            if not victim.idle.is_set():  # wait for its requests to finish (modeled as scheduling time)
+                t0 = time.perf_counter()
+                await victim.idle.wait()
+                waited += time.perf_counter() - t0
             if self.loaded.get(victim.model.name) is victim:
                 self._unload(victim, why)
 

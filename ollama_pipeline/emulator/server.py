@@ -4,8 +4,8 @@ Endpoints follow server/routes.go at that tag: `/`, `/api/version`, `/api/tags`,
 `/api/pull`, `/api/generate`, `/api/chat`, `/api/embed`, `/api/embeddings`; errors use its status codes and
 texts; streams send each chunk when it is produced. Scheduling and cost live in engine.py, request decoding
 in protocol.py, answers in answers.py, the injection rule in gullible.py. Fault injection and counters are
-under `/_emulator/`. asyncio sets TCP_NODELAY on every TCP transport, so small writes do not wait for
-delayed ACKs. Must not import the pipeline.
+under `/_emulator/`. The listening socket is created with IPPROTO_TCP so that asyncio sets TCP_NODELAY on
+every connection (small writes never wait ~40 ms for a delayed ACK). Must not import the pipeline.
 """
 
 from __future__ import annotations
@@ -573,6 +573,7 @@ async def _run(state: State, call: Call, placement: Placement, fault_header: str
     runner = placement.runner
     model = call.model
     queued = time.perf_counter()
+    must_wait = runner.sem.locked()
     with engine.lock:
         engine.waiting += 1
     try:
@@ -580,7 +581,7 @@ async def _run(state: State, call: Call, placement: Placement, fault_header: str
     finally:
         with engine.lock:
             engine.waiting -= 1
-    slot_wait_wall = time.perf_counter() - queued
+    slot_wait_wall = time.perf_counter() - queued if must_wait else 0.0
     slot = None
     try:
         with engine.lock:
@@ -728,7 +729,7 @@ async def _run(state: State, call: Call, placement: Placement, fault_header: str
             yield {"error": STREAM_EOF}
             return
         slot.units = units + text_units(thinking + content)
-        slot_wait_s = slot_wait_wall * engine.clock.scale if slot_wait_wall > 0.002 else 0.0
+        slot_wait_s = slot_wait_wall * engine.clock.scale
         load_s = placement.load_s
         final = _chunk(call, "content", "")
         final.update({"done": True, "done_reason": done_reason,
@@ -958,7 +959,8 @@ class EmulatorServer:
         self.config = config or EmulatorConfig()
         self.app = build_app(self.config)
         self._state: State = self.app.state.emu
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so (base_events._set_nodelay)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((self.config.host, self.config.port))
         self._sock.listen(1024)
