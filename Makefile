@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install browser demo test lint bench ui clean
+.PHONY: install browser jsclient demo test lint bench ui clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,15 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "WARNING: could not install chromium; browser tests will fail"; }
 
+# The official JS client (npm `ollama`) for the emulator's client tests, into the ignored folder .node/.
+jsclient:
+	@test -f .node/node_modules/ollama/package.json || npm install --prefix .node --no-save --no-audit --no-fund 'ollama@^0.6' >/dev/null \
+	  || echo "WARNING: could not install the npm package ollama; the JS client test will fail"
+
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/ollama-pipeline demo
 
-test: install browser $(DAGSTER_HOME)/dagster.yaml
+test: install browser jsclient $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -41,4 +46,4 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/ollama-pipeline ui
 
 clean:
-	rm -rf demo .dagster_home bench_results exports test-artifacts LOGS/*.jsonl
+	rm -rf demo .dagster_home bench_results exports test-artifacts .node LOGS/*.jsonl

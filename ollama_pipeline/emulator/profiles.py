@@ -195,7 +195,8 @@ class HostProfile:
         return max(1, self.num_parallel)
 
 
-LEGACY_MODELS = ("llava:7b", "qwen2.5vl:7b", "llama3.2:3b", "qwen3:4b", "gemma3:4b", "nomic-embed-text:latest")
+LEGACY_MODELS = ("llava:7b", "qwen2.5vl:7b", "llama3.2:3b", "qwen3:4b", "gemma3:4b", "qwen3-vl:8b",
+                 "nomic-embed-text:latest")
 
 HOSTS: dict[str, HostProfile] = {h.name: h for h in [
     HostProfile(

@@ -147,7 +147,8 @@ class State:
         self.host = config.host_profile()
         self.engine = Engine(self.host)
         catalogue = _catalogue()
-        self.pulled: dict[str, ModelProfile] = {}
+        self.pulled: dict[str, ModelProfile] = {}  # every name that resolves (aliases included)
+        self.listed: dict[str, ModelProfile] = {}  # what /api/tags lists
         for name in self.host.models:
             self._add(catalogue[proto.normalize_name(name) or ""])
         self.faults: list[Fault] = list(config.faults)
@@ -157,6 +158,7 @@ class State:
         self.image_cache: dict[str, tuple[int, int] | None] = {}
 
     def _add(self, model: ModelProfile) -> None:
+        self.listed[model.name] = model
         for n in (model.name, *model.aliases):
             key = proto.normalize_name(n)
             if key:
@@ -167,10 +169,7 @@ class State:
         return self.pulled.get(key) if key else None
 
     def models(self) -> list[ModelProfile]:
-        seen: dict[str, ModelProfile] = {}
-        for m in self.pulled.values():
-            seen.setdefault(m.name, m)
-        return list(seen.values())
+        return list({m.name: m for m in self.listed.values()}.values())
 
     def pick_fault(self, text: str, header: str | None) -> Fault | None:
         if header:
@@ -237,8 +236,8 @@ def _model_details(m: ModelProfile) -> dict[str, Any]:
             "parameter_size": m.parameter_size, "quantization_level": m.quantization}
 
 
-def _entry(m: ModelProfile) -> dict[str, Any]:
-    return {"name": m.name, "model": m.name, "modified_at": "2026-08-20T12:00:00Z",
+def _entry(m: ModelProfile, name: str | None = None) -> dict[str, Any]:
+    return {"name": name or m.name, "model": name or m.name, "modified_at": "2026-08-20T12:00:00Z",
             "size": int(m.weights_gib * 1024**3), "digest": _digest(m), "details": _model_details(m)}
 
 
@@ -257,7 +256,7 @@ async def version(request: Request) -> Response:
 async def tags(request: Request) -> Response:
     state: State = request.app.state.emu
     _count(state, "/api/tags")
-    return JSONResponse({"models": [_entry(m) for m in state.models()]})
+    return JSONResponse({"models": [_entry(m, name) for name, m in state.listed.items()]})
 
 
 async def ps(request: Request) -> Response:
@@ -338,6 +337,47 @@ async def pull(request: Request) -> Response:
             last = item
         return JSONResponse(last)
     return StreamingResponse(_ndjson(progress()), media_type="application/x-ndjson")
+
+
+async def copy(request: Request) -> Response:
+    """server/routes.go CopyHandler: the destination names the same model."""
+    state: State = request.app.state.emu
+    _count(state, "/api/copy")
+    try:
+        body = proto.decode_struct(proto.decode_body(await request.body()),
+                                   ("CopyRequest", {"source": "string", "destination": "string"}))
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    source, dest = body.get("source") or "", body.get("destination") or ""
+    model = state.find(source)
+    if model is None:
+        return _error(404, f"model '{source}' not found")
+    key = proto.normalize_name(dest)
+    if key is None:
+        return _error(400, f"destination \"{dest}\" is invalid")
+    state.pulled[key] = model
+    state.listed[key] = model
+    return Response(status_code=200)
+
+
+async def delete(request: Request) -> Response:
+    """server/routes.go DeleteHandler: removes that name (other names of the model stay)."""
+    state: State = request.app.state.emu
+    _count(state, "/api/delete")
+    try:
+        body = proto.decode_struct(proto.decode_body(await request.body()),
+                                   ("DeleteRequest", {"model": "string", "name": "string"}))
+    except RequestError as exc:
+        return _error(exc.status, exc.message)
+    name = body.get("model") or body.get("name") or ""
+    key = proto.normalize_name(name)
+    if key is None or key not in state.pulled:
+        return _error(404, f"model '{name}' not found")
+    del state.pulled[key]
+    for listed, m in list(state.listed.items()):
+        if proto.normalize_name(listed) == key:
+            del state.listed[listed]
+    return Response(status_code=200)
 
 
 async def _ndjson(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -928,6 +968,8 @@ def build_app(config: EmulatorConfig) -> Starlette:
         Route("/api/ps", ps, methods=["GET"]),
         Route("/api/show", show, methods=["POST"]),
         Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/copy", copy, methods=["POST"]),
+        Route("/api/delete", delete, methods=["DELETE"]),
         Route("/api/generate", completion, methods=["POST"]),
         Route("/api/chat", completion, methods=["POST"]),
         Route("/api/embed", embed, methods=["POST"]),
