@@ -85,9 +85,10 @@ def test_new_prompt_version_of_one_stage_reruns_that_stage_only(
 
 
 def test_emulator_process_answers_503_past_its_queue_limit() -> None:
-    """`ollama-pipeline emulator --parallel 1 --max-queue 1`: of 6 concurrent calls some get Ollama's 503."""
-    with EmulatorProcess(latency_ms=300, parallel=1, max_queue=1) as emulator:
-        body = {"model": "llama3.2:3b", "prompt": "hi", "stream": False, "format": "json"}
+    """`ollama-pipeline emulator --profile rtx3090 --max-queue 1`: of 6 calls arriving while the model loads, some
+    get Ollama's 503 (only requests waiting for a load queue, as in server/sched.go); once loaded, none do."""
+    with EmulatorProcess(profile="rtx3090", time_scale=10, max_queue=1) as emulator:
+        body = {"model": "llama3.2:3b", "prompt": "hi", "stream": False, "format": "json", "options": {"num_predict": 8}}
 
         def call(_: int) -> httpx.Response:
             return httpx.post(f"{emulator.base_url}/api/generate", json=body, timeout=30)
@@ -99,3 +100,5 @@ def test_emulator_process_answers_503_past_its_queue_limit() -> None:
         assert {r.status_code for r in responses} <= {200, 503}
         assert emulator.stats()["rejected_busy"] == len(busy)
         assert emulator.calls() == len(responses) - len(busy)
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            assert [r.status_code for r in pool.map(call, range(6))] == [200] * 6

@@ -33,8 +33,15 @@ DEFAULT_PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 class EmulatorProcess:
     """`ollama-pipeline emulator` in a child process, with its served-call counter."""
 
-    def __init__(self, *, latency_ms: int, parallel: int, max_queue: int = 512) -> None:
-        self.args = ["--latency-ms", str(latency_ms), "--parallel", str(parallel), "--max-queue", str(max_queue)]
+    def __init__(self, *, latency_ms: float = 0, parallel: int | None = None, max_queue: int = 512,
+                 profile: str | None = None, time_scale: float | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.args = ["--latency-ms", str(latency_ms), "--max-queue", str(max_queue), *extra]
+        if parallel is not None:
+            self.args += ["--parallel", str(parallel)]
+        if profile is not None:
+            self.args += ["--profile", profile]
+        if time_scale is not None:
+            self.args += ["--time-scale", str(time_scale)]
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
 
