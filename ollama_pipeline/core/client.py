@@ -21,7 +21,12 @@ import ollama
 from pydantic import BaseModel, Field
 
 from ollama_pipeline.core.config import OllamaConfig
-from ollama_pipeline.core.errors import InvalidResponseFormatError, NetworkError, OllamaPipelineError
+from ollama_pipeline.core.errors import (
+    InvalidResponseFormatError,
+    NetworkError,
+    OllamaPipelineError,
+    ValidationError,
+)
 from ollama_pipeline.core.hosts import RECHECK_S, Host, HostPool, SlotGate, model_key
 from ollama_pipeline.core.logs import redact_text
 
@@ -287,6 +292,10 @@ class OllamaClient:
                       system: str | None = None, affinity: str | None = None) -> OllamaVisionResponse:
         """A completion about one image (or several, e.g. a duplicate pair) sent as base64."""
         images = [image_b64] if isinstance(image_b64, str) else list(image_b64)
+        if not self.supports_vision(options.model):
+            # Ollama would refuse the images (v0.32: HTTP 400) or, in older releases, answer without them
+            raise ValidationError(f"model {options.model!r} cannot see images: its /api/show capabilities lack "
+                                  "'vision'; set ollama.vision_model to a vision model", code="validation.model_not_vision")
         response, _ = self._generate(prompt, options, images, system, affinity)
         data = response.model_dump() | {"images": len(images), "image_bytes": sum(len(i) for i in images)}
         return OllamaVisionResponse(**data)
@@ -349,8 +358,8 @@ class OllamaClient:
                 self._digests[model] = self._digests[f"{model}:latest"]
             return self._digests.setdefault(model, None)
 
-    def supports_thinking(self, model: str) -> bool:
-        """Whether /api/show lists the `thinking` capability (only then is `think` sent)."""
+    def capabilities(self, model: str) -> list[str]:
+        """The model's /api/show capabilities (cached per process; empty when Ollama does not report them)."""
         with self._lock:
             caps = self._capabilities.get(model)
         if caps is None:
@@ -358,7 +367,17 @@ class OllamaClient:
             caps = list(getattr(raw, "capabilities", None) or [])
             with self._lock:
                 self._capabilities[model] = caps
-        return "thinking" in caps
+        return caps
+
+    def supports_thinking(self, model: str) -> bool:
+        """Whether /api/show lists the `thinking` capability (only then is `think` sent)."""
+        return "thinking" in self.capabilities(model)
+
+    def supports_vision(self, model: str) -> bool:
+        """Whether the model can see images (/api/show lists `vision`; an Ollama that reports no capabilities
+        at all is given the benefit of the doubt)."""
+        caps = self.capabilities(model)
+        return not caps or "vision" in caps
 
     def close(self) -> None:
         with self._lock:

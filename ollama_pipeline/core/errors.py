@@ -139,6 +139,7 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "validation.file_missing": ("validation", False, "The media file does not exist."),
     "validation.path_outside_root": ("validation", False, "media.path points outside the configured media root."),
     "validation.image_corrupt": ("validation", False, "The media file cannot be decoded as an image."),
+    "validation.model_not_vision": ("validation", False, "The model set for a vision stage cannot see images (its /api/show capabilities lack vision): nothing is sent."),
     "validation.image_too_large": ("validation", False, "The image cannot be made to fit ollama.max_image_bytes."),
     "validation.config": ("validation", False, "A configuration key is missing or has a wrong value."),
     "persistence.locked": ("persistence", True, "The database stayed locked after retries with backoff."),

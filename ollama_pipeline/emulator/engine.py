@@ -51,7 +51,7 @@ def count_tokens(units: list[Unit]) -> int:
 def common_prefix_tokens(a: list[Unit], b: list[Unit]) -> int:
     """Tokens of the longest common prefix; an image matches only whole."""
     total = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         total += x.tokens

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -374,7 +374,7 @@ async def delete(request: Request) -> Response:
     if key is None or key not in state.pulled:
         return _error(404, f"model '{name}' not found")
     del state.pulled[key]
-    for listed, m in list(state.listed.items()):
+    for listed, _m in list(state.listed.items()):
         if proto.normalize_name(listed) == key:
             del state.listed[listed]
     return Response(status_code=200)

@@ -1,0 +1,54 @@
+"""The pipeline against the faithful emulator: it detects what a real Ollama does silently or refuses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ollama_pipeline.app.demo_library import build_demo_library
+from ollama_pipeline.core.db.engine import init_db
+from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.stages import STAGES
+from ollama_pipeline.defs.assets import index_media
+
+
+def _pipeline(settings: Any, count: int = 3) -> tuple[Pipeline, list[int]]:
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    report = build_demo_library(pipeline.engine, settings.media_root, count=count, seed=3, max_side=256)
+    list(index_media(pipeline, report.media_ids))
+    return pipeline, report.media_ids
+
+
+def _vision_stage() -> str:
+    return next(job for job, stage in STAGES.items() if stage.model_kind == "vision")
+
+
+def _text_stage() -> str:
+    return next(job for job, stage in STAGES.items() if stage.model_kind == "text")
+
+
+def test_a_vision_stage_refuses_a_model_without_vision(
+        sqlite_url: str, settings_factory: Callable[..., Any], emulator: Any) -> None:
+    """vision_model set to a text-only model: each item fails with validation.model_not_vision, no image is sent."""
+    pipeline, ids = _pipeline(settings_factory(sqlite_url, ollama__vision_model="llama3.2:3b"))
+    emulator.reset_stats()
+    outcomes = list(run_stage(pipeline, _vision_stage(), ids))
+    assert {o.status for o in outcomes} == {"failed"}
+    assert {o.error["code"] for o in outcomes} == {"validation.model_not_vision"}
+    assert emulator.stats()["model_calls"] == 0
+
+
+def test_a_thinking_text_model_is_asked_not_to_think(
+        sqlite_url: str, settings_factory: Callable[..., Any], emulator: Any) -> None:
+    """text_model qwen3:4b (thinks by default in Ollama): the pipeline sends think=false, no thinking tokens are spent."""
+    pipeline, ids = _pipeline(settings_factory(sqlite_url, ollama__text_model="qwen3:4b"))
+    for job in STAGES:  # upstream stages first, then the text stage has its inputs
+        if STAGES[job].model_kind == "vision":
+            list(run_stage(pipeline, job, ids))
+    emulator.reset_stats()
+    outcomes = list(run_stage(pipeline, _text_stage(), ids))
+    assert {o.status for o in outcomes} <= {"written", "unchanged", "skipped"}
+    stats = emulator.stats()
+    assert stats["by_model"].get("qwen3:4b", 0) >= 1  # it was asked
+    assert stats["models"]["qwen3:4b"]["thinking_tokens"] == 0
