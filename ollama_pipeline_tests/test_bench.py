@@ -33,7 +33,7 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     add_arguments(parser)
     return parser.parse_args(["--items", "8", "--latency-ms", "0", "--per-item-sample", "1", "--cli-sample", "1",
                               "--image-count", "1", "--image-side", "1600", "--out", str(tmp_path / "bench.json"),
-                              *extra])
+                              "--no-gpu", *extra])
 
 
 @pytest.mark.parametrize("instance", ["sqlite", "postgres"])
@@ -102,3 +102,19 @@ def test_emulator_process_answers_503_past_its_queue_limit() -> None:
         assert emulator.calls() == len(responses) - len(busy)
         with ThreadPoolExecutor(max_workers=6) as pool:
             assert [r.status_code for r in pool.map(call, range(6))] == [200] * 6
+
+
+def test_gpu_time_rows_name_each_loss_against_the_lower_bound(tmp_path: Path) -> None:
+    """The GPU-time scenarios on an 8 GiB emulated GPU: both patterns, bound <= modeled GPU time, losses counted."""
+    from ollama_pipeline.bench.gpu import gpu_bench, render_gpu_table
+
+    rows = gpu_bench(tmp_path, items=2, time_scale=200, profiles=("rtx4060-8g",))
+    pipeline, peer = rows
+    assert (pipeline.pattern, peer.pattern) == ("pipeline", "peer")
+    for row in rows:
+        assert row.failed_calls == 0 and row.calls > 0
+        assert 0 < row.lower_bound_s <= row.gpu_busy_s + row.load_s  # no pattern beats the bound in GPU time
+        assert row.image_tokens_prefilled >= row.image_tokens_distinct > 0
+    assert peer.calls > pipeline.calls  # one call per field
+    assert peer.evictions > 0  # MAX_LOADED_MODELS=1 and interleaved stages: the models swap
+    assert "wall/bnd" in render_gpu_table(rows)

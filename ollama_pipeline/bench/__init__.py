@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from ollama_pipeline.bench.gpu import GpuRow, gpu_bench, render_gpu_table
 from ollama_pipeline.bench.harness import EmulatorProcess, bench_config, copy_sqlite_library, write_config
 from ollama_pipeline.bench.measure import ScenarioResult, run_scenario
 from ollama_pipeline.core.config import settings_from_dict
@@ -37,6 +38,7 @@ class BenchReport(BaseModel):
     scenarios: list[ScenarioResult] = Field(default_factory=list)
     scale: dict[str, Any] | None = None
     images: dict[str, Any] | None = None
+    gpu: list[GpuRow] = Field(default_factory=list)
 
 
 def _machine() -> dict[str, Any]:
@@ -66,6 +68,10 @@ def render_table(report: BenchReport) -> str:
                      f"{s.ratio_to_ideal:>10.2f} {s.raw_client_s:>7.1f} {s.per_item_run_speedup:>10.1f} "
                      f"{s.cpu_ms_per_item_stage:>7.2f} {s.orchestration_cpu_ms_per_item_stage:>8.2f} "
                      f"{s.rerun_model_calls:>6} {s.peak_rss_mb:>7.0f}")
+    if report.gpu:
+        lines.append("")
+        lines.append("GPU time (modeled seconds on emulated GPUs; see README \"GPU-time benchmark\")")
+        lines.append(render_gpu_table(report.gpu))
     if report.images:
         i = report.images
         lines.append("")
@@ -89,6 +95,14 @@ def run_bench(args: argparse.Namespace) -> BenchReport:
                                    "concurrency": concurrency, "stages": args.stages, "instance": args.instance,
                                    "per_item_sample": args.per_item_sample, "cli_sample": args.cli_sample})
     try:
+        if args.gpu:
+            profiles = tuple(p.strip() for p in args.gpu_profiles.split(",") if p.strip())
+            print(f"GPU time: {args.gpu_items} items, profiles {', '.join(profiles)}, time scale {args.gpu_time_scale}")
+            gpu_dir = workdir / "gpu"
+            gpu_dir.mkdir()
+            report.gpu = gpu_bench(gpu_dir, items=args.gpu_items, time_scale=args.gpu_time_scale,
+                                   concurrency=concurrency, profiles=profiles)
+            save(report, Path(args.out))
         with EmulatorProcess(latency_ms=args.latency_ms, parallel=args.parallel) as emulator:
             base = bench_config(workdir, emulator.base_url, concurrency=concurrency)
             base_db = workdir / "library.base.db"
@@ -150,10 +164,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default="caption;all",
                    help="stage selections separated by ';', each 'all' or stage names with commas, or 'none' "
                         "(default 'caption;all')")
-    p.add_argument("--instance", choices=["sqlite", "postgres", "sqlite-dagster", "both", "all"], default="both",
+    p.add_argument("--instance", choices=["sqlite", "postgres", "sqlite-dagster", "both", "all"], default="sqlite",
                    help="Dagster instance storage: sqlite (as shipped), postgres (as documented), sqlite-dagster "
                         "(Dagster's own storage, no event batches: the baseline); both = sqlite + postgres, "
-                        "all = the three (default both)")
+                        "all = the three (default sqlite)")
     p.add_argument("--latency-ms", type=int, default=200, help="emulator time per model call (default 200)")
     p.add_argument("--parallel", type=int, default=4, help="emulator calls served at once (default 4)")
     p.add_argument("--concurrency", type=int, default=None, help="model calls at once in a run (default --parallel)")
@@ -166,6 +180,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-check", action="store_true", help="also probe memory and sensor time at --scale-items")
     p.add_argument("--scale-items", type=int, default=100_000)
     p.add_argument("--slice-items", type=int, default=200, help="items of the run over a slice in the scale probe")
+    p.add_argument("--no-gpu", dest="gpu", action="store_false", help="skip the GPU-time scenarios")
+    p.add_argument("--gpu-items", type=int, default=24, help="items of the GPU-time scenarios (default 24)")
+    p.add_argument("--gpu-time-scale", type=float, default=20.0,
+                   help="the emulated GPUs run this many times faster than real time (default 20)")
+    p.add_argument("--gpu-profiles", default="rtx3090,rtx4060-8g",
+                   help="emulator host profiles of the GPU-time scenarios (default rtx3090,rtx4060-8g)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON output (default {DEFAULT_OUT})")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
 

@@ -79,6 +79,8 @@ class ModelCounters:
     cache_hits: int = 0
     image_tokens: int = 0
     image_tokens_cached: int = 0
+    distinct_images: int = 0  # images (by hash) this model saw at least once
+    distinct_image_tokens: int = 0  # their tokens: what prefilling each image once would cost
     output_tokens: int = 0
     thinking_tokens: int = 0
     prefill_s: float = 0.0
@@ -168,12 +170,14 @@ class Engine:
         self.lock = threading.Lock()  # counters are read from other threads
         self.counters: dict[str, ModelCounters] = {}
         self.events: list[dict[str, Any]] = []
+        self.seen_images: dict[str, set[str]] = {}
         self.reset()
 
     def reset(self) -> None:
         with self.lock:
             self.counters = {}
             self.events = []
+            self.seen_images = {}
             now = self.clock.model_now()
             for runner in self.loaded.values():
                 runner.loaded_model_t = now
@@ -447,7 +451,8 @@ class Engine:
                 models[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
             totals = {k: sum(m[k] for m in models.values()) for k in
                       ("loads", "reloads", "evictions", "unloads", "prefill_tokens", "cached_tokens", "cache_hits",
-                       "image_tokens", "image_tokens_cached", "output_tokens", "thinking_tokens", "prompt_tokens")}
+                       "image_tokens", "image_tokens_cached", "output_tokens", "thinking_tokens", "prompt_tokens",
+                       "distinct_images", "distinct_image_tokens", "requests")}
             gpu = {k: round(sum(m[k] for m in models.values()), 6) for k in
                    ("prefill_s", "decode_s", "load_s", "busy_s", "idle_slot_s")}
             return {"requests": self.requests, "model_calls": self.model_calls, "served": self.model_calls,

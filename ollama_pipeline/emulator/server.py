@@ -411,7 +411,9 @@ async def emu_profile(request: Request) -> Response:
                          "max_queue": h.max_queue, "keep_alive_s": h.keep_alive_s, "vram_bytes": h.vram_bytes,
                          "time_scale": h.time_scale, "default_num_ctx": h.default_num_ctx,
                          "flat_latency_ms": h.flat_latency_ms,
-                         "models": {m.name: {"parallel": h.parallel_for(m), "rates": m.rates()} for m in state.models()}})
+                         "models": {m.name: {"parallel": h.parallel_for(m),
+                                             "rates": [*state.engine.rates(m), state.engine._load_s(m)]}
+                                    for m in state.models()}})
 
 
 async def emu_reset(request: Request) -> Response:
@@ -744,6 +746,12 @@ async def _run(state: State, call: Call, placement: Placement, fault_header: str
             c.cache_hits += 1 if cached > 0 else 0
             c.image_tokens += image_total
             c.image_tokens_cached += image_cached
+            seen = engine.seen_images.setdefault(model.name, set())
+            for digest, image_tokens in sizes.values():
+                if digest not in seen:
+                    seen.add(digest)
+                    c.distinct_images += 1
+                    c.distinct_image_tokens += image_tokens
             c.output_tokens += output_tokens
             c.thinking_tokens += think_tokens
             c.prefill_s += prefill_s
