@@ -80,11 +80,12 @@ def _run_pipeline(settings: Any, ids: list[int]) -> int:
 
 def _run_peer(settings: Any, ids: list[int], concurrency: int) -> int:
     """One call per output field, the image with every call, an item's stages interleaved."""
+    from sqlalchemy import text
+
     from ollama_pipeline.core.client import OllamaClient, OllamaOptions
     from ollama_pipeline.core.db.engine import make_engine
     from ollama_pipeline.core.images import prepare_image
     from ollama_pipeline.core.stages import STAGES
-    from sqlalchemy import text
 
     client = OllamaClient(settings.ollama, default_slots=concurrency)
     engine = make_engine(settings.database.url)
