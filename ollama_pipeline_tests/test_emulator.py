@@ -284,11 +284,15 @@ def test_parallel_slots_serialise_calls_on_a_loaded_model() -> None:
 
 
 def test_no_delayed_ack_stall(emulator) -> None:
-    """50 sequential calls average well under the 40 ms delayed-ACK stall."""
+    """No call waits for a delayed ACK: the fastest of 50 sequential calls is well under the 40 ms stall
+    (every call would take at least 40 ms if headers and body waited on Nagle; the machine's load only
+    makes some calls slower)."""
     client = ollama.Client(host=emulator.base_url)
     client.generate(model="llama3.2:3b", prompt="warm up")
-    started = time.perf_counter()
+    times = []
     for _ in range(50):
+        started = time.perf_counter()
         client.generate(model="llama3.2:3b", prompt="x")
-    assert (time.perf_counter() - started) / 50 < 0.015
+        times.append(time.perf_counter() - started)
+    assert min(times) < 0.030
     assert emulator.stats()["model_calls"] == 51

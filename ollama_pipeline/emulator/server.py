@@ -158,7 +158,9 @@ class State:
         self.image_cache: dict[str, tuple[int, int] | None] = {}
 
     def _add(self, model: ModelProfile) -> None:
-        self.listed[model.name] = model
+        # every tag that resolves is listed (as Ollama lists each pulled tag, e.g. llava:7b and llava:latest)
+        for n in (model.name, *(a for a in model.aliases if ":" in a)):
+            self.listed[n] = model
         for n in (model.name, *model.aliases):
             key = proto.normalize_name(n)
             if key:
