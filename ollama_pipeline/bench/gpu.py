@@ -45,6 +45,7 @@ class GpuRow(BaseModel):
     wall_s: float
     lower_bound_s: float
     wall_to_bound: float
+    gpu_to_bound: float  # (busy + load) / bound: GPU time spent against the least the work needs
     gpu_busy_s: float
     load_s: float
     loads: int
@@ -149,6 +150,7 @@ def _row(profile: str, pattern: str, items: int, wall: float, scale: float, stat
     return GpuRow(profile=profile, pattern=pattern, items=items, calls=stats["model_calls"], failed_calls=failed,
                   wall_s=round(wall_model, 1), lower_bound_s=round(bound, 1),
                   wall_to_bound=round(wall_model / bound, 2) if bound else 0.0,
+                  gpu_to_bound=round((gpu["busy_s"] + gpu["load_s"]) / bound, 2) if bound else 0.0,
                   gpu_busy_s=round(gpu["busy_s"], 1), load_s=round(gpu["load_s"], 1), loads=stats["loads"],
                   reloads=stats["reloads"], evictions=stats["evictions"],
                   cache_hit_rate=round(stats["cached_tokens"] / prompt, 3),
@@ -193,12 +195,14 @@ def gpu_bench(workdir: Path, *, items: int, time_scale: float, concurrency: int 
 
 def render_gpu_table(rows: list[GpuRow]) -> str:
     head = (f"{'profile':<12} {'pattern':<9} {'calls':>6} {'fail':>5} {'wall s':>8} {'bound s':>8} {'wall/bnd':>8} "
+            f"{'gpu/bnd':>7} "
             f"{'busy s':>8} {'load s':>7} {'reload':>6} {'evict':>5} {'cache':>6} {'img tok':>9} {'distinct':>9} "
             f"{'idle s':>8} {'load1':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.profile:<12} {r.pattern:<9} {r.calls:>6} {r.failed_calls:>5} {r.wall_s:>8.1f} "
-                     f"{r.lower_bound_s:>8.1f} {r.wall_to_bound:>8.2f} {r.gpu_busy_s:>8.1f} {r.load_s:>7.1f} "
+                     f"{r.lower_bound_s:>8.1f} {r.wall_to_bound:>8.2f} {r.gpu_to_bound:>7.2f} {r.gpu_busy_s:>8.1f} "
+                     f"{r.load_s:>7.1f} "
                      f"{r.reloads:>6} {r.evictions:>5} {r.cache_hit_rate:>6.3f} {r.image_tokens_prefilled:>9} "
                      f"{r.image_tokens_distinct:>9} {r.idle_slot_s:>8.1f} {r.machine_load:>6.2f}")
     return "\n".join(lines)
