@@ -119,7 +119,7 @@ MODELS: dict[str, ModelProfile] = {m.name: m for m in [
         name="gemma3:4b", architecture="gemma3", families=("gemma3",), parameter_size="4.3B", params_b=4.3,
         weights_gib=3.1, capabilities=("completion", "vision"), context_length=131072,
         # Gemma 3 model card: images are normalized to 896×896 and encoded to 256 tokens each.
-        image=ImageRule(kind="fixed", tokens=256), kv_bytes_per_token=69632,
+        image=ImageRule(kind="fixed", tokens=256), kv_bytes_per_token=139264,
         decode_tps=190.0,  # measured tg on an RTX 3090, Q4_K_M (calebcoffie.com/benchmarks/gemma-3-4b-it-gguf)
         aliases=("gemma3:latest", "gemma3"), source="ollama.com/library/gemma3 (4b, 3.3 GB, 128K context)"),
     ModelProfile(
