@@ -221,10 +221,10 @@ def test_prompt_injection_in_a_stored_prompt_does_not_reach_the_outputs(
     # The emulated model is gullible: handed the raw text, it obeys.
     raw = OllamaClient(settings.ollama).generate_text(
         f"Write a title for: {INJECTION_TEXT}", OllamaOptions(model="llama3.2:3b", format=STAGES["ollama_title"].schema))
-    assert "HACKED" in raw.text
+    assert "hacked" in raw.text.casefold()
     run_all(pipeline, ids)
     stored = meta(pipeline)
-    assert not [k for k, v in stored.items() if "HACKED" in v]
+    assert not [k for k, v in stored.items() if "hacked" in v.casefold()]
     for key in all_meta_keys():
         STORED_SCHEMAS[key].model_validate(json.loads(stored[(injected, key)]))
     # Stages that never read the prompt give the same answer whether or not it carries the injection.

@@ -132,6 +132,7 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "invalid_response_format.model_not_found": ("invalid_response_format", False, "The configured model is not installed in Ollama (404)."),
     "invalid_response_format.bad_request": ("invalid_response_format", False, "Ollama refused the request (HTTP 4xx)."),
     "validation.schema": ("validation", False, "The JSON answer does not match the stage's output schema."),
+    "validation.prompt_injection": ("validation", False, "The answer repeats an instruction found in the item's library data, or holds one of its own (the model obeyed a planted prompt injection): nothing of it is written, its tags neither."),
     "validation.stored_value": ("validation", False, "A stage built a media_meta value that breaks the key's stored schema (a pipeline bug; nothing is written)."),
     "validation.payload": ("validation", False, "A job payload or API argument is invalid."),
     "validation.job_type": ("validation", False, "Unknown job type."),

@@ -26,6 +26,7 @@ from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import get_engine
 from ollama_pipeline.core.errors import InvalidResponseFormatError, OllamaPipelineError, ValidationError
 from ollama_pipeline.core.images import prepare_image_bytes, read_media_file
+from ollama_pipeline.core.injection import answer_repeats_instruction, instruction_targets, strings_of
 from ollama_pipeline.core.jsontext import sha256_json
 from ollama_pipeline.core.logs import PipelineLogs
 from ollama_pipeline.core.stages import get_stage
@@ -37,6 +38,7 @@ from ollama_pipeline.core.stages.base import (
     StageInputs,
     StageOutput,
     StageResult,
+    untrusted_strings,
 )
 from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
 from ollama_pipeline.core.stages.validation import parse_answer, repair_prompt
@@ -146,6 +148,17 @@ def check_stored(stage: Stage, output: StageOutput) -> None:
                               f"{', '.join(_QUALITY_VERDICTS)} and score lie in 0..1", code="validation.stored_value")
 
 
+def check_injection(stage: Stage, inputs: StageInputs, output: StageOutput) -> None:
+    """Refuse an answer that repeats an instruction found in the item's library data, or holds one of its
+    own: the model obeyed a planted order. Nothing of it is written (its tags neither)."""
+    values = [*strings_of(output.meta), *(t.name for t in output.tags or [])]
+    targets = instruction_targets(untrusted_strings(stage, inputs))
+    if answer_repeats_instruction(values, targets):
+        raise ValidationError(f"the answer of {stage.job_type} repeats an instruction found in the item's library "
+                              f"data (a planted prompt injection the model obeyed); nothing of it is written",
+                              code="validation.prompt_injection")
+
+
 def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, output: StageOutput, *, model: str,
                     fingerprint: str, metrics: CallMetrics, started: float, job_id: int | None,
                     run_id: str | None) -> ItemOutcome:
@@ -213,6 +226,7 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                 b64.append(prepared[ref.media_id])
             answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics, str(media_id))
         output = stage.combine(stage, inputs, answers)
+        check_injection(stage, inputs, output)
         return _persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
                                metrics=metrics, started=started, job_id=job_id, run_id=run_id)
     except OllamaPipelineError as exc:

@@ -7,7 +7,6 @@ the job processor and the docs are built from it. This module must not import Da
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ollama_pipeline.core.injection import neutralize, strings_of
 from ollama_pipeline.core.jsontext import canonical_json, sha256_json
 
 PIPELINE_VERSION = "1"
@@ -162,21 +162,9 @@ class ModelRequest:
     key: str = "main"  # names the request within the stage (e.g. the candidate id)
 
 
-_INJECTION = re.compile(
-    r"(?i)\b(ignore|disregard|forget|override)\b[^.;\n]{0,40}\b(previous|prior|above|earlier|all|system)\b"
-    r"[^.;\n]{0,40}\b(instructions?|prompts?|rules?|directions?)\b[^.;,\n]*"
-)
-
-
-def neutralize(text: str | None) -> str | None:
-    """Replace instruction-like phrases in library data, so quoted data cannot steer the model."""
-    if text is None:
-        return None
-    return _INJECTION.sub("[instruction-like text removed]", text)
-
-
 def quote_data(data: Any) -> str:
-    """Library data as one JSON document between <data> markers (instructions inside are neutralized)."""
+    """Library data as one JSON document between <data> markers; a string holding an instruction (found on
+    its normalized text, `core.injection`) is replaced whole, so no part of it reaches the model."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, str):
@@ -188,6 +176,20 @@ def quote_data(data: Any) -> str:
         return value
 
     return "<data>\n" + canonical_json(clean(data)) + "\n</data>"
+
+
+def untrusted_strings(stage: Stage, inputs: StageInputs) -> list[str]:
+    """Every library string a stage reads for one item (what an injection could be planted in)."""
+    parts: list[Any] = [inputs.media.path, inputs.media.type, inputs.media.status, inputs.media.quality_status]
+    if "prompt" in stage.inputs and inputs.prompt is not None:
+        parts.append(inputs.prompt.model_dump())
+    if "tags" in stage.inputs:
+        parts.append([t.name for t in inputs.tags])
+    if "scan" in stage.inputs:
+        parts.append([s.model_dump() for s in inputs.scans])
+    if "meta" in stage.inputs:
+        parts.append(inputs.meta)
+    return list(strings_of(parts))
 
 
 def render(template: str, **data: Any) -> str:

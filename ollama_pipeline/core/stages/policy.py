@@ -17,10 +17,12 @@ A change of outcome writes one `media_lifecycle_events` row and one `audit_log` 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ollama_pipeline.core.injection import find_instructions
 from ollama_pipeline.core.stages.base import (
     PolicyUpdate,
     Stage,
@@ -67,6 +69,16 @@ def plan_policy(stage: Stage, inputs: StageInputs) -> list:
     return single_request(stage, inputs, facts=facts)
 
 
+_FLAG_NAME = re.compile(r"[\w][\w .:/()+-]{0,63}")
+
+
+def is_flag_name(name: str) -> bool:
+    """A scanner flag is copied into ollama.policy_flags only when it looks like one: at most 64 characters
+    and 4 words of letters, digits and a little punctuation, and no instruction (library data is untrusted:
+    a scanner's flag list must not carry free text into what the pipeline stores)."""
+    return bool(_FLAG_NAME.fullmatch(name)) and len(name.split()) <= 4 and not find_instructions(name)
+
+
 def outcome_for(flags: dict[str, float], combined_nsfw: float, has_nsfw: bool | None,
                 rating: str) -> tuple[str, list[str]]:
     """The policy outcome and its reasons (see the module docstring)."""
@@ -95,7 +107,7 @@ def combine_policy(stage: Stage, inputs: StageInputs, answers: dict[str, BaseMod
     scan_nsfw = round3(max(scan_scores)) if scan_scores else None
     scan_flags: dict[str, float] = {}
     for scan in inputs.scans:
-        for name in scan.flags:
+        for name in filter(is_flag_name, scan.flags):
             scan_flags[name] = max(scan_flags.get(name, 0.0), round3(scan.nsfw_score or 0.0))
     model_nsfw = max((c for n, c in model_flags.items() if n in NSFW_FLAGS), default=0.0)
     combined = round3(max(model_nsfw, scan_nsfw or 0.0))
