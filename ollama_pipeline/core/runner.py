@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
@@ -25,7 +26,14 @@ from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import get_engine
 from ollama_pipeline.core.errors import InvalidResponseFormatError, OllamaPipelineError, ValidationError
-from ollama_pipeline.core.images import prepare_image_bytes, read_media_file
+from ollama_pipeline.core.images import (
+    check_media_type,
+    encode_prepared,
+    file_sha256,
+    open_image,
+    resolve_media_path,
+    video_frame,
+)
 from ollama_pipeline.core.injection import answer_repeats_instruction, instruction_targets, strings_of
 from ollama_pipeline.core.jsontext import sha256_json
 from ollama_pipeline.core.logs import PipelineLogs
@@ -42,6 +50,13 @@ from ollama_pipeline.core.stages.base import (
 )
 from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
 from ollama_pipeline.core.stages.validation import parse_answer, repair_prompt
+
+# Problems of an item's own file: the first run fails the item and remembers the file and row it saw;
+# later runs report it as skipped (reason = the code without "validation.") until the file or the row changes.
+FILE_PROBLEM_CODES = frozenset({"validation.file_missing", "validation.image_corrupt",
+                                "validation.image_too_large", "validation.path_outside_root"})
+UNSUPPORTED = "validation.unsupported_media_type"
+_UNLOADED: Any = object()
 
 _REPAIRABLE = {"invalid_response_format.not_json", "invalid_response_format.code_fence",
                "invalid_response_format.reasoning", "invalid_response_format.truncated",
@@ -89,6 +104,7 @@ class ItemOutcome(BaseModel):
     media_id: int
     stage: str
     status: Literal["written", "unchanged", "skipped", "failed"]
+    reason: str | None = None  # why a skipped item was not run: unsupported_media_type, file_missing, ...
     model: str | None = None
     fingerprint: str | None = None
     error: dict[str, Any] | None = None
@@ -180,23 +196,97 @@ def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, outpu
     return outcome
 
 
+def problem_signature(settings: Settings, path: str, media_type: str | None, media_hash: str | None) -> str:
+    """What a file problem was seen with: the media row (path, type, hash), the file (size and mtime, or
+    its absence) and the settings that decide whether it can be used. A change to any of them re-runs it."""
+    try:
+        file = resolve_media_path(settings.media_root, path)
+        stat = file.stat() if file.is_file() else None
+        state: Any = [stat.st_size, stat.st_mtime_ns] if stat else "missing"
+    except ValidationError:
+        state = "outside_root"
+    except OSError:
+        state = "unreadable"
+    return sha256_json({"path": path, "type": media_type, "hash": media_hash, "file": state,
+                        "root": str(settings.media_root), "max_pixels": settings.pipeline.max_pixels,
+                        "max_image_bytes": settings.ollama.max_image_bytes})
+
+
+def note_media_problem(pipeline: Pipeline, media: Any, error: OllamaPipelineError, problem: dict[str, Any] | None,
+                       *, run_id: str | None = None, job_id: int | None = None) -> str | None:
+    """Decide what a problem with an item's own file means for this run; `media` has id, path, type, hash.
+
+    Returns the reason to report the item as skipped (`unsupported_media_type`, or the code of a file
+    problem already reported for the same file and row), or None: fail it as usual. A new file problem is
+    remembered, so the next run reports it instead of failing it again."""
+    if error.code == UNSUPPORTED:
+        signature = problem_signature(pipeline.settings, media.path, media.type, media.hash)
+        repository.record_media_problem(pipeline.engine, media.id, error, status="skipped", signature=signature,
+                                        run_id=run_id, job_id=job_id,
+                                        lock_retries=pipeline.settings.database.lock_retries)
+        return "unsupported_media_type"
+    if error.code not in FILE_PROBLEM_CODES:
+        return None
+    signature = problem_signature(pipeline.settings, media.path, media.type, media.hash)
+    if (problem and problem.get("status") == "failed" and problem.get("error_code") == error.code
+            and problem.get("fingerprint") == signature):
+        return error.code.removeprefix("validation.")
+    repository.record_media_problem(pipeline.engine, media.id, error, status="failed", signature=signature,
+                                    run_id=run_id, job_id=job_id, lock_retries=pipeline.settings.database.lock_retries)
+    return None
+
+
+def _read_source(pipeline: Pipeline, ref: Any, media_type: str | None, own: bool) -> tuple[str, Path, bytes | None, str]:
+    """(content sha256, path, bytes or None for a video, kind) of an image a request sends."""
+    kind = check_media_type(media_type if own else None, ref.path)
+    path = resolve_media_path(pipeline.settings.media_root, ref.path)
+    if not path.is_file():
+        raise ValidationError(f"media file {ref.path!r} does not exist", code="validation.file_missing")
+    try:
+        if kind == "video":  # hashed as a stream and decoded from the file: videos can be large
+            return file_sha256(path), path, None, kind
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"media file {ref.path!r} cannot be read: {type(exc).__name__}",
+                              code="validation.file_missing") from None
+    return hashlib.sha256(data).hexdigest(), path, data, kind
+
+
 def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None = None,
              force: bool = False, model: str | None = None, job_id: int | None = None,
-             run_id: str | None = None) -> ItemOutcome:
-    """Run one stage for one item; typed failures are recorded and returned, never raised."""
+             run_id: str | None = None, problem: dict[str, Any] | None = _UNLOADED) -> ItemOutcome:
+    """Run one stage for one item; typed failures are recorded and returned, never raised.
+
+    problem: the item's row in the list of media problems (repository.MEDIA_STAGE), when the caller
+    loaded it; otherwise it is read when needed."""
     media_id = inputs.media.id
     started = time.perf_counter()
     metrics = CallMetrics()
     model = model or pipeline.model_for(stage)
     fingerprint = None
+    current: Any = None  # the image being read or decoded, to tell the item's own file from another's
+    sources: dict[int, tuple[str, Path, bytes | None, str]] = {}
+
+    def known_problem() -> dict[str, Any] | None:
+        nonlocal problem
+        if problem is _UNLOADED:
+            problem = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, [media_id]).get(media_id)
+        return problem
+
+    def done(outcome: ItemOutcome) -> ItemOutcome:
+        if media_id in sources and known_problem():  # the file is usable again: off the list to fix
+            repository.clear_media_problem(pipeline.engine, media_id,
+                                           lock_retries=pipeline.settings.database.lock_retries)
+        return outcome
+
     try:
         requests = list(stage.plan(stage, inputs))
-        image_bytes: dict[int, tuple[str, bytes]] = {}
         for req in requests:
             for ref in req.images:
-                if ref.media_id not in image_bytes:
-                    _, data = read_media_file(pipeline.settings.media_root, ref.path)
-                    image_bytes[ref.media_id] = (hashlib.sha256(data).hexdigest(), data)
+                if ref.media_id not in sources:
+                    current = ref
+                    sources[ref.media_id] = _read_source(pipeline, ref, inputs.media.type, ref.media_id == media_id)
+        current = None
         options = pipeline.options_for(stage, model)
         extra = {"extra": stage.fingerprint_extra(inputs)} if stage.fingerprint_extra else {}
         fingerprint = sha256_json({
@@ -204,15 +294,15 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
             "stage": stage.version, "model": model, "digest": pipeline.client.model_digest(model),
             "options": options.ollama_options(), "max_pixels": pipeline.settings.pipeline.max_pixels,
             "requests": [{"key": r.key, "prompt": hashlib.sha256(r.prompt.encode()).hexdigest(),
-                          "images": [image_bytes[i.media_id][0] for i in r.images]} for r in requests],
+                          "images": [sources[i.media_id][0] for i in r.images]} for r in requests],
         })
         if not force and state and state.get("status") == "ok" and state.get("fingerprint") == fingerprint:
             refreshed = stage.refresh(stage, inputs) if stage.refresh is not None else None
             if refreshed is None:
-                return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", model=model,
-                                   fingerprint=fingerprint)
-            return _persist_output(pipeline, stage, inputs, refreshed, model=model, fingerprint=fingerprint,
-                                   metrics=metrics, started=started, job_id=job_id, run_id=run_id)
+                return done(ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", model=model,
+                                        fingerprint=fingerprint))
+            return done(_persist_output(pipeline, stage, inputs, refreshed, model=model, fingerprint=fingerprint,
+                                        metrics=metrics, started=started, job_id=job_id, run_id=run_id))
         prepared: dict[int, str] = {}
         answers: dict[str, BaseModel] = {}
         cfg = pipeline.settings
@@ -220,20 +310,37 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
             b64 = []
             for ref in req.images:
                 if ref.media_id not in prepared:
-                    prepared[ref.media_id] = prepare_image_bytes(
-                        image_bytes[ref.media_id][1], ref.path, max_image_bytes=cfg.ollama.max_image_bytes,
-                        max_pixels=cfg.pipeline.max_pixels).b64
+                    current = ref
+                    sha, path, data, kind = sources[ref.media_id]
+                    label = f"media file {ref.path!r}"
+                    img = video_frame(path, label)[0] if kind == "video" else open_image(data or b"", label, ref.path)
+                    prepared[ref.media_id] = encode_prepared(
+                        img, ref.path, max_image_bytes=cfg.ollama.max_image_bytes, max_pixels=cfg.pipeline.max_pixels,
+                        source_sha256=sha, source_bytes=len(data) if data is not None else path.stat().st_size).b64
+                    current = None
                 b64.append(prepared[ref.media_id])
             answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics, str(media_id))
         output = stage.combine(stage, inputs, answers)
         check_injection(stage, inputs, output)
-        return _persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
-                               metrics=metrics, started=started, job_id=job_id, run_id=run_id)
+        return done(_persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
+                                    metrics=metrics, started=started, job_id=job_id, run_id=run_id))
     except OllamaPipelineError as exc:
         error = exc
     except Exception as exc:  # an unexpected bug still fails only this item, with its type logged
         error = OllamaPipelineError(f"unexpected {type(exc).__name__}: {exc}")
     metrics.wall_ms = (time.perf_counter() - started) * 1000.0
+    if current is not None and current.media_id == media_id:
+        try:
+            reason = note_media_problem(pipeline, inputs.media, error, known_problem(), run_id=run_id, job_id=job_id)
+        except OllamaPipelineError as record_error:
+            pipeline.logs.error(record_error, media_id=media_id, job_type=stage.job_type, job_id=job_id)
+            reason = None
+        if reason is not None:
+            pipeline.logs.job_event("stage_skipped", job_id=job_id, run_id=run_id, media_id=media_id,
+                                    job_type=stage.job_type, model=model, reason=reason, code=error.code,
+                                    duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls)
+            return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", reason=reason,
+                               model=model, fingerprint=fingerprint, error=error.to_dict(), metrics=metrics)
     pipeline.logs.error(error, job_id=job_id, run_id=run_id, media_id=media_id, job_type=stage.job_type,
                         model=model)
     pipeline.logs.job_event("stage_failed", job_id=job_id, run_id=run_id, media_id=media_id,
@@ -274,6 +381,7 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                 with lock:
                     stage.enrich(pipeline, inputs)
             states = repository.stage_states(pipeline.engine, stage.job_type, chunk)
+            problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
             for media_id in chunk:
                 if media_id not in inputs:
                     err = ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
@@ -285,7 +393,8 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                     for fut in done:
                         yield fut.result()
                 pending.add(pool.submit(run_item, pipeline, stage, inputs[media_id], state=states.get(media_id),
-                                        force=force, model=model, job_id=job_ids.get(media_id), run_id=run_id))
+                                        force=force, model=model, job_id=job_ids.get(media_id), run_id=run_id,
+                                        problem=problems.get(media_id)))
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:

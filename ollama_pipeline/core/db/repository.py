@@ -391,3 +391,53 @@ def record_stage_failure(engine: Engine, media_id: int, stage: str, error: Ollam
             conn.execute(insert(OllamaStageResult).values(media_id=media_id, stage=stage, model=model, **values))
 
     with_retry(engine, work, retries=lock_retries, what=f"record failure of {stage} for media {media_id}")
+
+
+# ---- media problems: files the pipeline cannot use (the list to fix) ------------------------------
+
+MEDIA_STAGE = "media"  # the ollama_stage_results row of an item's file itself (the `media` asset)
+
+
+def record_media_problem(engine: Engine, media_id: int, error: OllamaPipelineError, *, status: str,
+                         signature: str, run_id: str | None = None, job_id: int | None = None,
+                         lock_retries: int = 5) -> None:
+    """Remember what is wrong with an item's file (status failed, or skipped for an unsupported type) and
+    the signature of the file and row it was seen with; written only when something differs."""
+    now = _naive(datetime.now(UTC))
+
+    def work(conn: Connection) -> None:
+        if conn.execute(select(Media.id).where(Media.id == media_id)).first() is None:
+            return
+        old = conn.execute(select(OllamaStageResult.status, OllamaStageResult.error_code,
+                                  OllamaStageResult.fingerprint).where(
+            OllamaStageResult.media_id == media_id, OllamaStageResult.stage == MEDIA_STAGE)).first()
+        if old is not None and tuple(old) == (status, error.code, signature):
+            return
+        _upsert(conn, OllamaStageResult.__table__, {
+            "media_id": media_id, "stage": MEDIA_STAGE, "status": status, "fingerprint": signature,
+            "error_channel": error.channel, "error_code": error.code, "error_message": error.message[:2000],
+            "retryable": False, "job_id": job_id, "run_id": run_id, "updated_at": now,
+        }, ["media_id", "stage"], ["status", "fingerprint", "error_channel", "error_code", "error_message",
+                                   "retryable", "job_id", "run_id", "updated_at"])
+
+    with_retry(engine, work, retries=lock_retries, what=f"record media problem of media {media_id}")
+
+
+def clear_media_problem(engine: Engine, media_id: int, *, lock_retries: int = 5) -> None:
+    """The item's file is usable again: it leaves the list to fix."""
+
+    def work(conn: Connection) -> None:
+        conn.execute(delete(OllamaStageResult).where(OllamaStageResult.media_id == media_id,
+                                                     OllamaStageResult.stage == MEDIA_STAGE))
+
+    with_retry(engine, work, retries=lock_retries, what=f"clear media problem of media {media_id}")
+
+
+def media_problems(engine: Engine, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Items whose file is missing, unreadable or of an unsupported type, lowest media id first."""
+    q = (select(OllamaStageResult.media_id, Media.path, Media.type, OllamaStageResult.status,
+                OllamaStageResult.error_code, OllamaStageResult.error_message, OllamaStageResult.updated_at)
+         .join(Media, Media.id == OllamaStageResult.media_id)
+         .where(OllamaStageResult.stage == MEDIA_STAGE).order_by(OllamaStageResult.media_id).limit(limit))
+    with read_connection(engine) as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
