@@ -220,6 +220,28 @@ def cmd_jobs_counts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_problems(args: argparse.Namespace) -> int:
+    """Print the items whose file cannot be used: missing, unreadable, too large or of an unsupported type."""
+    from ollama_pipeline.core.db import repository
+
+    if args.limit < 1:
+        raise ValidationError(f"--limit must be at least 1, not {args.limit}", code="validation.payload")
+    rows = repository.media_problems(_pipeline(args).engine, limit=args.limit)
+    if args.json:
+        print(json.dumps([{**r, "reason": r["error_code"].removeprefix("validation."),
+                           "updated_at": _iso(r["updated_at"])} for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no media problems: every file the pipeline looked at could be used")
+        return 0
+    print(f"{'media':>7}  {'reason':<24} {'status':<8} {'seen':<20}  path: message")
+    for r in rows:
+        print(f"{r['media_id']:>7}  {r['error_code'].removeprefix('validation.'):<24} {r['status']:<8} "
+              f"{_iso(r['updated_at']):<20}  {r['path']}: {r['error_message']}"[:240])
+    print(f"{len(rows)} item(s) to fix; a run reports them as skipped until the file or the media row changes")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add `enqueue`, `process` and `jobs ...` to the main parser's subcommands."""
     from ollama_pipeline.app.cli import arg_type
@@ -261,6 +283,10 @@ def register(subparsers: Any) -> None:
     p = jsub.add_parser("cancel", help="cancel a queued job")
     p.add_argument("job_id", type=positive["JOB_ID"])
     p.set_defaults(handler=cmd_jobs_cancel)
+    p = jsub.add_parser("problems", help="items to fix: file missing, unreadable or of an unsupported media type")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_jobs_problems)
     p = jsub.add_parser("counts", help="jobs per status and job type")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs_counts)

@@ -32,6 +32,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetsDefinition,
     AssetSpec,
     BackfillPolicy,
@@ -49,8 +50,15 @@ from sqlalchemy import select
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.models import Media
 from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
-from ollama_pipeline.core.images import dhash, open_image, resolve_media_path
-from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.images import (
+    check_media_type,
+    dhash,
+    file_sha256,
+    load_media_image,
+    media_kind,
+    resolve_media_path,
+)
+from ollama_pipeline.core.runner import Pipeline, note_media_problem, run_stage
 from ollama_pipeline.core.stages.base import Stage
 from ollama_pipeline.defs.checks import check_specs_for, evaluate_checks
 from ollama_pipeline.defs.events import EventBatcher
@@ -134,6 +142,7 @@ class MediaIndexOutcome(BaseModel):
 
     media_id: int
     status: Status
+    reason: str | None = None  # why a skipped file was not indexed (unsupported_media_type, file_missing, ...)
     content_sha256: str | None = None
     dhash: str | None = None
     size_bytes: int | None = None
@@ -142,31 +151,43 @@ class MediaIndexOutcome(BaseModel):
     error: dict[str, Any] | None = None
 
 
-def _index_file(pipeline: Pipeline, media_id: int, path: str, known: dict[str, Any] | None,
+def _index_file(pipeline: Pipeline, media: Any, known: dict[str, Any] | None, problem: dict[str, Any] | None,
                 force: bool) -> tuple[MediaIndexOutcome, dict[str, Any] | None]:
+    media_id, path = media.id, media.path
     try:
-        file = resolve_media_path(pipeline.settings.media_root, path)
-        if not file.is_file():
-            raise ValidationError(f"media file {path!r} does not exist", code="validation.file_missing")
-        stat = file.stat()
-        if (not force and known and known["size_bytes"] == stat.st_size
-                and known["mtime_ns"] == stat.st_mtime_ns):
-            return MediaIndexOutcome(media_id=media_id, status="skipped", content_sha256=known["content_sha256"],
-                                     dhash=known["dhash"], size_bytes=known["size_bytes"], width=known["width"],
-                                     height=known["height"]), None
-        data = file.read_bytes()
-        image = open_image(data, f"media file {path!r}")
-        row = {"media_id": media_id, "content_sha256": hashlib.sha256(data).hexdigest(), "dhash": dhash(image),
-               "size_bytes": len(data), "width": image.width, "height": image.height,
+        try:
+            check_media_type(media.type, path)
+            file = resolve_media_path(pipeline.settings.media_root, path)
+            if not file.is_file():
+                raise ValidationError(f"media file {path!r} does not exist", code="validation.file_missing")
+            stat = file.stat()
+            if (not force and known and not problem and known["size_bytes"] == stat.st_size
+                    and known["mtime_ns"] == stat.st_mtime_ns):
+                return MediaIndexOutcome(media_id=media_id, status="skipped", content_sha256=known["content_sha256"],
+                                         dhash=known["dhash"], size_bytes=known["size_bytes"], width=known["width"],
+                                         height=known["height"]), None
+            if media_kind(media.type, path) == "video":
+                digest, size = file_sha256(file), stat.st_size
+                image = load_media_image(file, media.type, f"media file {path!r}")
+            else:
+                data = file.read_bytes()
+                digest, size = hashlib.sha256(data).hexdigest(), len(data)
+                image = load_media_image(file, media.type, f"media file {path!r}", data=data)
+        except OSError as exc:  # unreadable file (permissions, I/O): this item only
+            raise ValidationError(f"media file {path!r} cannot be read: {type(exc).__name__}",
+                                  code="validation.file_missing") from None
+        row = {"media_id": media_id, "content_sha256": digest, "dhash": dhash(image),
+               "size_bytes": size, "width": image.width, "height": image.height,
                "mtime_ns": stat.st_mtime_ns}
     except OllamaPipelineError as exc:
+        reason = note_media_problem(pipeline, media, exc, problem)
+        if reason is not None:  # unsupported, or a file problem reported once already: not failed again
+            pipeline.logs.job_event("stage_skipped", media_id=media_id, job_type=MEDIA, reason=reason, code=exc.code)
+            return MediaIndexOutcome(media_id=media_id, status="skipped", reason=reason, error=exc.to_dict()), None
         pipeline.logs.error(exc, media_id=media_id, job_type=MEDIA)
         return MediaIndexOutcome(media_id=media_id, status="failed", error=exc.to_dict()), None
-    except OSError as exc:  # unreadable file (permissions, I/O): this item only
-        error = ValidationError(f"media file {path!r} cannot be read: {type(exc).__name__}",
-                                code="validation.file_missing")
-        pipeline.logs.error(error, media_id=media_id, job_type=MEDIA)
-        return MediaIndexOutcome(media_id=media_id, status="failed", error=error.to_dict()), None
+    if problem:
+        repository.clear_media_problem(pipeline.engine, media_id, lock_retries=pipeline.settings.database.lock_retries)
     same = known is not None and known["content_sha256"] == row["content_sha256"] and known["dhash"] == row["dhash"]
     outcome = MediaIndexOutcome(status="unchanged" if same else "written",
                                 **{k: v for k, v in row.items() if k != "mtime_ns"})
@@ -181,13 +202,16 @@ def index_media(pipeline: Pipeline, media_ids: Iterable[int], *, force: bool = F
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
             with pipeline.engine.connect() as conn:
-                paths = dict(conn.execute(select(Media.id, Media.path).where(Media.id.in_(chunk))).tuples().all())
+                rows_by_id = {r.id: r for r in conn.execute(
+                    select(Media.id, Media.path, Media.type, Media.hash).where(Media.id.in_(chunk)))}
+            paths = {i: r.path for i, r in rows_by_id.items()}
             known = repository.media_index(pipeline.engine, chunk)
+            problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
             outcomes: list[MediaIndexOutcome] = []
             rows: list[dict[str, Any]] = []
             present = [i for i in chunk if i in paths]
-            jobs = pool.map(_index_file, repeat(pipeline), present, [paths[i] for i in present],
-                            [known.get(i) for i in present], repeat(force))
+            jobs = pool.map(_index_file, repeat(pipeline), [rows_by_id[i] for i in present],
+                            [known.get(i) for i in present], [problems.get(i) for i in present], repeat(force))
             for outcome, row in jobs:
                 outcomes.append(outcome)
                 old = known.get(outcome.media_id) or {}
@@ -241,12 +265,27 @@ def _metadata(outcome: Any) -> dict[str, Any]:
             "total_duration_ms": round(m.total_duration_ms, 1), "load_duration_ms": round(m.load_duration_ms, 1)}
 
 
+def _skipped_event(asset: str, media_id: int, reason: str,
+                   metadata: dict[str, Any]) -> AssetMaterialization | AssetObservation:
+    """An item skipped with a reason: unsupported media is done (materialized, nothing to do); a file
+    problem already reported is observed, so its partition keeps the failure of the run that found it."""
+    metadata = {**metadata, "status": "skipped", "reason": reason}
+    if reason == "unsupported_media_type":
+        return AssetMaterialization(asset_key=asset, partition=str(media_id), metadata=metadata,
+                                    tags={DATA_VERSION_TAG: "unsupported"} if asset == MEDIA else None)
+    return AssetObservation(asset_key=asset, partition=str(media_id), metadata=metadata)
+
+
 def _materialize_media(pipeline: Pipeline, media_ids: list[int], config: StageRunConfig,
-                       tally: Tally) -> Iterator[AssetMaterialization]:
+                       tally: Tally, skipped: dict[int, str]) -> Iterator[AssetMaterialization | AssetObservation]:
     workers = config.concurrency or pipeline.settings.pipeline.concurrency
     for outcome in index_media(pipeline, media_ids, force=config.force, workers=workers):
         tally.add(outcome.media_id, outcome.status, outcome.error)
-        if outcome.status != "failed":
+        if outcome.reason:
+            skipped[outcome.media_id] = outcome.reason
+            yield _skipped_event(MEDIA, outcome.media_id, outcome.reason,
+                                 {"code": (outcome.error or {}).get("code", "")})
+        elif outcome.status != "failed":
             yield AssetMaterialization(
                 asset_key=MEDIA, partition=str(outcome.media_id),
                 tags={DATA_VERSION_TAG: outcome.content_sha256 or ""},
@@ -256,16 +295,23 @@ def _materialize_media(pipeline: Pipeline, media_ids: list[int], config: StageRu
 
 
 def _materialize_stage(context: AssetExecutionContext, pipeline: Pipeline, stage: Stage, media_ids: list[int],
-                       blocked: dict[int, str], config: StageRunConfig, tally: Tally) -> Iterator[AssetMaterialization]:
+                       blocked: dict[int, str], config: StageRunConfig, tally: Tally,
+                       skipped: dict[int, str]) -> Iterator[AssetMaterialization | AssetObservation]:
     for media_id in media_ids:
         if media_id in blocked:
             tally.add(media_id, "blocked", {"channel": "blocked", "code": f"upstream_failed.{blocked[media_id]}",
                                             "message": f"{blocked[media_id]} failed for this item in this run"})
-    runnable = [i for i in media_ids if i not in blocked]
+        elif media_id in skipped:  # its file cannot be used (reported by `media`): no stage runs for it
+            tally.add(media_id, "skipped")
+            yield _skipped_event(stage.job_type, media_id, skipped[media_id], {"code": f"media.{skipped[media_id]}"})
+    runnable = [i for i in media_ids if i not in blocked and i not in skipped]
     for outcome in run_stage(pipeline, stage, runnable, force=config.force, concurrency=config.concurrency,
                              run_id=context.run_id, model=config.model):
         tally.add(outcome.media_id, outcome.status, outcome.error)
-        if outcome.status != "failed":
+        if outcome.reason:
+            yield _skipped_event(stage.job_type, outcome.media_id, outcome.reason,
+                                 {"code": (outcome.error or {}).get("code", "")})
+        elif outcome.status != "failed":
             yield AssetMaterialization(asset_key=stage.job_type, partition=str(outcome.media_id),
                                        metadata=_metadata(outcome))
 
@@ -296,6 +342,10 @@ def failure_for(tallies: list[Tally]) -> Failure | None:
         allow_retries=False)
 
 
+def _batched(batcher: EventBatcher, event: AssetMaterialization | AssetObservation) -> Iterable[Any]:
+    return batcher.add(event) if isinstance(event, AssetMaterialization) else (event,)
+
+
 def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,
                         stages: list[Stage]) -> Iterator[AssetMaterialization | AssetCheckResult | DagsterEvent]:
     """The body of `ollama_library`: selected assets in dependency order, then raise for failed items."""
@@ -305,11 +355,12 @@ def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, conf
     failed: dict[str, set[int]] = {}
     media_ids = [int(k) for k in context.partition_keys] if selected else []
     batcher = EventBatcher(context)
+    skipped: dict[int, str] = {}  # media id -> why its file cannot be used (unsupported, reported problem)
     if AssetKey(MEDIA) in selected:
         tally = Tally(MEDIA, len(media_ids), context.log)
         tallies.append(tally)
-        for event in _materialize_media(pipeline, media_ids, config, tally):
-            yield from batcher.add(event)
+        for event in _materialize_media(pipeline, media_ids, config, tally, skipped):
+            yield from _batched(batcher, event)
         yield from batcher.flush()
         failed[MEDIA] = set(tally.failed)
     for stage in stages:
@@ -320,8 +371,8 @@ def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, conf
                 blocked.update({i: upstream for i in failed.get(upstream, ()) if i not in blocked})
             tally = Tally(stage.job_type, len(media_ids), context.log)
             tallies.append(tally)
-            for event in _materialize_stage(context, pipeline, stage, media_ids, blocked, config, tally):
-                yield from batcher.add(event)
+            for event in _materialize_stage(context, pipeline, stage, media_ids, blocked, config, tally, skipped):
+                yield from _batched(batcher, event)
             yield from batcher.flush()
             failed[stage.job_type] = set(tally.failed)
         yield from evaluate_checks(pipeline.engine, stage, checks)

@@ -125,6 +125,9 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
             status = materialization.metadata.get("status")
             counts[asset][str(status.value) if status is not None else "written"] += 1
             done[asset] += 1
+        for observation in result.asset_observations_for_node(LIBRARY_OP):  # file problems reported before
+            counts[observation.asset_key.to_user_string()]["skipped"] += 1
+            done[observation.asset_key.to_user_string()] += 1
         for name in names:
             counts[name]["failed"] += size - done[name]
         failure = None

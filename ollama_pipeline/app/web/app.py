@@ -26,6 +26,7 @@ from ollama_pipeline.app.web import queries, thumbs
 from ollama_pipeline.app.web.present import card_values, meta_views, pretty_json, text_of
 from ollama_pipeline.app.web.security import CSRF_FIELD, SecurityMiddleware, csrf_token_of
 from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import get_engine
 from ollama_pipeline.core.errors import (
     OllamaPipelineError,
@@ -241,8 +242,9 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         failed = jobs.list_jobs(pipeline, status="failed", limit=50)
         job_id = _int_or_none(job)
         flash = FLASH_MESSAGES[done].format(job=job_id) if done in FLASH_MESSAGES and job_id else None
+        problems = repository.media_problems(pipeline.engine, limit=100)
         return state.render(request, "queue.html", counts=counts, recent=recent, failed=failed, flash=flash,
-                            statuses=jobs.JOB_STATUSES, status=status, job_type=job_type)
+                            statuses=jobs.JOB_STATUSES, status=status, job_type=job_type, problems=problems)
 
     @app.post("/jobs/{job_id:int}/retry")
     def retry(job_id: int) -> RedirectResponse:
