@@ -137,9 +137,12 @@ def test_one_run_over_six_items_materializes_four_and_fails_naming_the_two(
     with engine.connect() as conn:
         indexed = set(conn.execute(select(OllamaMediaIndex.media_id)).scalars())
         results = {row.media_id: row.status for row in conn.execute(
-            select(OllamaStageResult.media_id, OllamaStageResult.status))}
+            select(OllamaStageResult.media_id, OllamaStageResult.status).where(OllamaStageResult.stage == CAPTION))}
+        to_fix = {row.media_id: row.error_code for row in conn.execute(
+            select(OllamaStageResult.media_id, OllamaStageResult.error_code).where(OllamaStageResult.stage == MEDIA))}
     assert indexed == {int(k) for k in good}
     assert results == {int(k): "ok" for k in good}  # blocked items were never sent to the model
+    assert to_fix == {corrupt: "validation.image_corrupt", missing: "validation.file_missing"}  # the list to fix
 
     run = instance.get_run_by_id(summary.runs[0].run_id)
     assert run is not None and run.tags["dagster/asset_partition_range_start"] == str(ids[0])
