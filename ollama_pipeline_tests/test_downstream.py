@@ -138,8 +138,8 @@ def test_report_counts_match_the_library_with_a_failed_and_a_blocked_item(
     with engine.connect() as conn:
         values = {(m, k): json.loads(v) for m, k, v in conn.execute(
             select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value).where(MediaMeta.key.like("ollama.%")))}
-        results = conn.execute(select(OllamaStageResult.stage, OllamaStageResult.status,
-                                      OllamaStageResult.error_code)).all()
+        results = conn.execute(select(OllamaStageResult.stage, OllamaStageResult.status,  # stages only
+                                      OllamaStageResult.error_code).where(OllamaStageResult.stage != "media")).all()
     policies = [v["outcome"] for (_, k), v in values.items() if k == "ollama.policy_flags"]
     verdicts = Counter(v["verdict"] for (_, k), v in values.items() if k == "ollama.quality")
     tags = Counter(t["name"] for (_, k), v in values.items() if k == "ollama.tags_normalized" for t in v["tags"])

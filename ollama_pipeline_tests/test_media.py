@@ -239,6 +239,11 @@ def test_unsupported_media_is_skipped_not_failed_and_listed_to_fix(media_env: tu
         assert all(r["status"] != "failed" for r in rows.values()), rows
         assert rows["media"]["error_code"] == "validation.unsupported_media_type"
     assert "ollama.caption" in _meta(pipeline.engine, ok)
+    from ollama_pipeline.core.export import export_records
+    from ollama_pipeline.core.export_schema import ExportRecord
+
+    for record in export_records(pipeline.engine):  # the export feed stays valid beside skipped items
+        ExportRecord.model_validate(record)
     # the job API skips it too: the job is done, nothing is stored
     job = _run_job(pipeline, "ollama_caption", song)
     assert job["status"] == "done" and "ollama.caption" not in _meta(pipeline.engine, song)

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, select
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.engine import get_engine, read_connection
 from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
+from ollama_pipeline.core.db.repository import MEDIA_STAGE
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
 
 EXPORT_SCHEMA = "ollama_pipeline.core.export/v1"
@@ -49,7 +50,8 @@ def export_records(engine: Engine, media_ids: list[int] | None = None, chunk: in
                     MediaMeta.media_id.in_(ids), MediaMeta.key.like("ollama.%"))):
                 meta.setdefault(r[0], {})[r[1]] = loads_or_none(r[2])
             stages: dict[int, dict[str, Any]] = {}
-            for r in conn.execute(select(OllamaStageResult).where(OllamaStageResult.media_id.in_(ids))).mappings():
+            for r in conn.execute(select(OllamaStageResult).where(  # stage 'media' is the list to fix, not a stage
+                    OllamaStageResult.media_id.in_(ids), OllamaStageResult.stage != MEDIA_STAGE)).mappings():
                 stages.setdefault(r["media_id"], {})[r["stage"]] = {
                     "status": r["status"], "model": r["model"], "version": r["version"],
                     "last_success_at": _ts(r["last_success_at"]), "error_code": r["error_code"]}

@@ -27,6 +27,7 @@ from sqlalchemy import Engine, func, select
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.engine import read_connection
 from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
+from ollama_pipeline.core.db.repository import MEDIA_STAGE
 from ollama_pipeline.core.export import temp_beside
 
 REPORT_FORMAT = "ollama_pipeline.core.report/v1"
@@ -180,14 +181,15 @@ def _collect(engine: Engine) -> _Collected:
 def _stage_frames(engine: Engine) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per stage and status: counts and tokens (SQL), error codes (SQL), and the ok rows' durations."""
     r = OllamaStageResult
+    stage_rows = r.stage != MEDIA_STAGE  # the list of media to fix is not a stage
     with read_connection(engine) as conn:
         counts = pd.read_sql(
             select(r.stage, r.status, func.count().label("items"), func.sum(r.prompt_eval_count).label("prompt"),
                    func.sum(r.eval_count).label("output"), func.avg(r.total_duration_ms).label("ollama_ms"))
-            .group_by(r.stage, r.status), conn)
+            .where(stage_rows).group_by(r.stage, r.status), conn)
         errors = pd.read_sql(
             select(r.stage, r.error_code, func.count().label("items"))
-            .where(r.status == "failed").group_by(r.stage, r.error_code), conn)
+            .where(r.status == "failed", stage_rows).group_by(r.stage, r.error_code), conn)
         durations = pd.read_sql(
             select(r.stage, r.duration_ms).where(r.status == "ok", r.duration_ms.is_not(None)), conn)
     return counts, errors, durations

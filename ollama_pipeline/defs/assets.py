@@ -303,7 +303,7 @@ def _materialize_stage(context: AssetExecutionContext, pipeline: Pipeline, stage
                                             "message": f"{blocked[media_id]} failed for this item in this run"})
         elif media_id in skipped:  # its file cannot be used (reported by `media`): no stage runs for it
             tally.add(media_id, "skipped")
-            yield _skipped_event(stage.job_type, media_id, skipped[media_id], {"code": f"media.{skipped[media_id]}"})
+            yield _skipped_event(stage.job_type, media_id, skipped[media_id], {"upstream": MEDIA})
     runnable = [i for i in media_ids if i not in blocked and i not in skipped]
     for outcome in run_stage(pipeline, stage, runnable, force=config.force, concurrency=config.concurrency,
                              run_id=context.run_id, model=config.model):
