@@ -234,6 +234,13 @@ def test_unsupported_media_is_skipped_not_failed_and_listed_to_fix(media_env: tu
         code, out, err = _cli(capsys, config, "run", "--stages", "caption")
         assert code == 0, out + err
         assert "FAILED" not in out
+    from dagster import AssetKey, DagsterInstance
+
+    with DagsterInstance.get() as instance:  # the CLI's instance ($DAGSTER_HOME under tmp_path)
+        for asset in ("media", "ollama_caption"):
+            assert set(instance.get_materialized_partitions(AssetKey(asset))) == {str(ok), str(song), str(doc)}
+            assert not instance.event_log_storage.get_latest_asset_partition_materialization_attempts_without_materializations(
+                AssetKey(asset))  # no failed partition
     for media_id in (song, doc):
         rows = _stage_rows(pipeline.engine, media_id)
         assert all(r["status"] != "failed" for r in rows.values()), rows
