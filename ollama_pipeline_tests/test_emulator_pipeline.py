@@ -52,3 +52,50 @@ def test_a_thinking_text_model_is_asked_not_to_think(
     stats = emulator.stats()
     assert stats["by_model"].get("qwen3:4b", 0) >= 1  # it was asked
     assert stats["models"]["qwen3:4b"]["thinking_tokens"] == 0
+
+
+
+def _png(width: int, height: int, colour: tuple[int, int, int]) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_the_pipelines_num_ctx_fits_a_pair_of_large_images_that_ollamas_default_refuses(
+        sqlite_url: str, settings_factory: Callable[..., Any], emulator: Any) -> None:
+    """Two 1000 px images for llava (2,943 tokens each): 400 at Ollama's default 4,096, answered at the pipeline's."""
+    import pytest
+
+    from ollama_pipeline.core.errors import InvalidResponseFormatError
+
+    pipeline = Pipeline.from_settings(settings_factory(sqlite_url))
+    stage = STAGES["ollama_duplicate_assist"]
+    options = pipeline.options_for(stage)
+    pair = [_png(1000, 700, (200, 20, 20)), _png(1000, 700, (20, 20, 200))]
+    with pytest.raises(InvalidResponseFormatError) as err:
+        pipeline.client.analyze_image(pair, "Same picture?", options.model_copy(update={"num_ctx": None}))
+    assert "exceeds the available context size" in err.value.message
+    answer = pipeline.client.analyze_image(pair, "Same picture?", options)
+    assert answer.prompt_eval_count > 2 * 2900 and answer.done_reason == "stop"
+
+
+def test_every_call_of_a_run_carries_one_num_ctx(
+        sqlite_url: str, settings_factory: Callable[..., Any], emulator: Any) -> None:
+    """All stages over 12 items: every request has the same num_ctx, so no model is reloaded for it."""
+    import httpx
+
+    pipeline = Pipeline.from_settings(settings_factory(sqlite_url))
+    init_db(pipeline.engine)
+    report = build_demo_library(pipeline.engine, pipeline.settings.media_root, count=12, seed=7, max_side=768)
+    list(index_media(pipeline, report.media_ids))
+    emulator.reset_stats()
+    for job in STAGES:
+        assert {o.status for o in run_stage(pipeline, job, report.media_ids)} == {"written"}, job
+    requests = httpx.get(emulator.base_url + "/_emulator/requests?limit=200").json()["requests"]
+    assert {r["options"].get("num_ctx") for r in requests} == {8192}
+    assert emulator.stats()["reloads"] == 0

@@ -44,10 +44,11 @@ class OllamaOptions(BaseModel):
     timeout_ms: int | None = None
     think: bool | None = None
     num_predict: int | None = None
+    num_ctx: int | None = None
 
     def ollama_options(self) -> dict[str, Any]:
         opts = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "num_predict": self.num_predict}
+                "num_predict": self.num_predict, "num_ctx": self.num_ctx}
         return {k: v for k, v in opts.items() if v is not None}
 
 

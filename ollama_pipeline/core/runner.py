@@ -63,6 +63,13 @@ _REPAIRABLE = {"invalid_response_format.not_json", "invalid_response_format.code
                "invalid_response_format.empty", "validation.schema"}
 
 
+# The context every call of a run gets unless ollama.num_ctx says otherwise: the same for every stage and
+# model, so Ollama never reloads a model for a changed num_ctx (server/sched.go needsReload). Sized for the
+# largest request, the duplicate pair: two LLaVA-1.6 images of up to 2,943 tokens each, the prompt and the
+# answer. Ollama's own default (4,096 below 23 GiB of VRAM) refuses that pair with a 400.
+DEFAULT_NUM_CTX = 8192
+
+
 @dataclass
 class Pipeline:
     """Settings, database engine, Ollama client and logs of one process."""
@@ -87,7 +94,7 @@ class Pipeline:
         det = self.settings.ollama.deterministic
         return OllamaOptions(model=model or self.model_for(stage), format=stage.schema, temperature=det.temperature,
                              top_p=det.top_p, seed=det.seed, timeout_ms=self.settings.ollama.timeout_ms,
-                             think=False)
+                             think=False, num_ctx=self.settings.ollama.num_ctx or DEFAULT_NUM_CTX)
 
     def persist(self, media_id: int, result: StageResult) -> dict[str, Any]:
         """The one write path: the result is checked against the stored schemas, then written."""
