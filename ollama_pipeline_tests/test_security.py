@@ -1,6 +1,6 @@
-"""Security regressions of issue 11 through the CLI, the job API and the database: credentials in URLs are
-redacted everywhere (stderr, LOGS, the Dagster instance), and planted prompt injections never reach what
-is stored."""
+"""Security regressions of issue 11 through the CLI, the job API, the web server and the database:
+credentials in URLs are redacted everywhere (stderr, LOGS, the Dagster instance), planted prompt
+injections never reach what is stored, and concurrent image requests cannot blow up the web process."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from PIL import Image
 from sqlalchemy import Engine, MetaData, insert, select, update
 
 from ollama_pipeline.app.demo_library import add_media_rows
+from ollama_pipeline.bench import web_memory
 from ollama_pipeline.core.client import OllamaClient, OllamaOptions
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.engine import init_db
@@ -197,3 +199,20 @@ def test_an_answer_repeating_a_planted_instruction_is_refused_with_its_tags() ->
         with pytest.raises(ValidationError) as caught:
             check_injection(stage, inputs, obeyed)
         assert caught.value.code == "validation.prompt_injection" and "zebra" not in str(caught.value).lower()
+
+
+# ---- web memory (issue 11 item 3) ----------------------------------------------------------------
+
+
+def test_sixteen_concurrent_previews_of_an_8000px_image_keep_the_web_process_small(tmp_path: Path) -> None:
+    """16 concurrent /image and /thumb GETs of an 8000 x 8000 PNG: the uvicorn process's peak RSS (VmHWM
+    from /proc) stays under a generous 700 MB (the benchmark's target is 400 MB; unbounded it took GBs)."""
+    config, ids = web_memory.make_library(tmp_path, (("big", 8000, "PNG"),))
+    result = web_memory.measure_source(config, ids["big"], requests=16)
+    assert result["status_codes"] == [200]
+    assert result["peak_rss_mb"] < 700, result
+    cached = sorted((tmp_path / ".thumbs").rglob("*.jpg"))
+    assert len(cached) == 2  # one render per size, however many requests asked
+    for path in cached:
+        with Image.open(path) as img:
+            assert max(img.size) in (256, 1280)

@@ -1,8 +1,9 @@
 """The web UI: a FastAPI app with server-rendered Jinja2 pages (autoescape on) and no JavaScript.
 
 Routes: `/` gallery (filters, keyset paging), `/media/{id}` item page, `/media/{id}.json` and
-`/api/media/{id}` (the export feed object), `/thumb/{id}` and `/image/{id}` (JPEGs made from files inside
-the media root only), `POST /media/{id}/rerun`, `/queue` with `POST /jobs/{id}/retry|cancel`, `/healthz`.
+`/api/media/{id}` (the export feed object), `/thumb/{id}` and `/image/{id}` (bounded JPEGs made from files
+inside the media root only, `web.thumbs`), `/original/{id}` (the file itself, streamed from disk, raster
+images only), `POST /media/{id}/rerun`, `/queue` with `POST /jobs/{id}/retry|cancel`, `/healthz`.
 Reads go through `web.queries`; every write goes through `ollama_pipeline.core.queue.store`. Guards (Host, token, CSRF,
 headers) live in `web.security` and wrap the whole app.
 """
@@ -217,6 +218,18 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
     @app.get("/image/{media_id:int}")
     def image(media_id: int) -> Response:
         return _jpeg(media_id, thumbs.PREVIEW_SIDE)
+
+    @app.get("/original/{media_id:int}")
+    def original(media_id: int) -> Response:
+        path = queries.media_path(state.engine, media_id) if 0 <= media_id <= MAX_ID else None
+        if path is None:
+            return Response(NOT_AVAILABLE, status_code=404, media_type="text/plain")
+        try:
+            file, media_type = thumbs.original_file(state.settings.media_root, path)
+        except ValidationError as exc:
+            status = 400 if exc.code == "validation.path_outside_root" else 404
+            return Response(NOT_AVAILABLE, status_code=status, media_type="text/plain")
+        return FileResponse(file, media_type=media_type, headers={"cache-control": "private, max-age=300"})
 
     @app.post("/media/{media_id:int}/rerun", response_class=HTMLResponse)
     def rerun(request: Request, media_id: int, stage: str = Form("all")) -> HTMLResponse:

@@ -1,28 +1,48 @@
-"""Thumbnails and previews for the web UI, made on the fly with Pillow and cached on disk.
+"""Thumbnails and previews for the web UI, made with Pillow on a bounded pool and cached on disk.
 
 The source file is found only through `images.resolve_media_path`, so a `media.path` that escapes the
 media root (``..``, an absolute path, a symlink pointing out) is refused before anything is read. The
 cache key is the resolved path plus its size and mtime, so a replaced file gets a new thumbnail; files are
-written to a temporary name and renamed, so concurrent requests never serve half a JPEG. The full-size
-file is never sent by these functions.
+written to a temporary name and renamed, so concurrent requests never serve half a JPEG.
+
+Memory is bounded, whatever the number of requests:
+
+* The file is opened lazily from disk (never read into memory whole). A JPEG is decoded at a reduced size
+  (`Image.draft`: the DCT decoder scales by 1/2..1/8 on the fly); other formats are decoded once, then
+  shrunk with `Image.reduce` (box filter by an integer factor, cheap) before the final LANCZOS resize.
+* Renders run on one pool of `RENDER_WORKERS` threads, and all renders together decode at most
+  `DECODE_BUDGET_BYTES` of pixels at a time (an image larger than the budget is decoded alone).
+* Concurrent requests for the same thumbnail wait for one render instead of starting their own.
+
+The full-size file is sent only by `original_file`, streamed from disk as it is (never decoded).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mimetypes
 import os
 import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.errors import ValidationError
-from ollama_pipeline.core.images import open_image, resolve_media_path
+from ollama_pipeline.core.images import MAX_SOURCE_PIXELS, resolve_media_path
 
 THUMB_SIDE = 256
 PREVIEW_SIDE = 1280
 MAX_SOURCE_BYTES = 200_000_000
+RENDER_WORKERS = 2
+DECODE_BUDGET_BYTES = 160_000_000
+# Raster types a browser shows and that carry no script; anything else is not sent as an original.
+ORIGINAL_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/avif"})
 
 
 def default_cache_dir(settings: Settings) -> Path:
@@ -38,33 +58,134 @@ def source_file(media_root: Path, media_path: str) -> Path:
     return path
 
 
+def original_file(media_root: Path, media_path: str) -> tuple[Path, str]:
+    """(file, media type) of a full-size original to stream as it is; a non-image type is refused."""
+    path = source_file(media_root, media_path)
+    media_type = mimetypes.guess_type(path.name)[0] or ""
+    if media_type not in ORIGINAL_TYPES:
+        raise ValidationError(f"media file {path.name!r} is not an image a browser shows",
+                              code="validation.file_missing")
+    return path, media_type
+
+
 def _cache_name(path: Path, side: int) -> str:
     st = path.stat()
     key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{side}"
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _render(path: Path, side: int, target: Path) -> None:
-    if path.stat().st_size > MAX_SOURCE_BYTES:
-        raise ValidationError(f"media file {path.name!r} is too large to preview", code="validation.image_too_large")
-    img = open_image(path.read_bytes(), f"media file {path.name!r}")
-    img.thumbnail((side, side), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+class _Budget:
+    """Bytes of decoded pixels that renders may hold at once; a larger request waits until it is alone."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, cost: int) -> Iterator[None]:
+        cost = min(cost, self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.free >= cost)
+            self.free -= cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += cost
+                self._cond.notify_all()
+
+
+def _decode_scaled(path: Path, side: int, budget: _Budget) -> Image.Image:
+    """The image at most `side` px on its longer edge, decoded with as few pixels in memory as possible."""
+    label = f"media file {path.name!r}"
     try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="JPEG", quality=85, optimize=True)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_SOURCE_PIXELS:
+                    raise ValidationError(f"{label} has {img.width}x{img.height} pixels, more than allowed",
+                                          code="validation.image_too_large")
+                if img.format == "JPEG":
+                    img.draft("RGB", (side, side))  # decode at 1/2, 1/4 or 1/8 scale, still >= side
+                # Pillow keeps 1 byte per pixel for L/P images and 4 for RGB, RGBA, CMYK (and 2-4 for 16-bit).
+                with budget.take(img.width * img.height * (1 if img.mode in ("1", "L", "P") else 4)):
+                    img.load()
+                    factor = max(1, min(img.width, img.height) // side)
+                    small = img.reduce(factor) if factor > 1 else img.copy()
+            small = ImageOps.exif_transpose(small)
+    except ValidationError:
         raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise ValidationError(f"{label} cannot be decoded as an image: {type(exc).__name__}",
+                              code="validation.image_corrupt") from None
+    if small.mode != "RGB":
+        background = Image.new("RGB", small.size, (255, 255, 255))
+        rgba = small.convert("RGBA")
+        background.paste(rgba, mask=rgba.split()[-1])
+        small = background
+    small.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return small
+
+
+class Renderer:
+    """The bounded pool that makes cached JPEGs; one render per target however many requests ask."""
+
+    def __init__(self, workers: int = RENDER_WORKERS, budget_bytes: int = DECODE_BUDGET_BYTES) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbs")
+        self._budget = _Budget(budget_bytes)
+        self._inflight: dict[Path, Future[Path]] = {}
+        self._lock = threading.Lock()
+
+    def _render(self, path: Path, side: int, target: Path) -> Path:
+        try:
+            if target.is_file():
+                return target
+            if path.stat().st_size > MAX_SOURCE_BYTES:
+                raise ValidationError(f"media file {path.name!r} is too large to preview",
+                                      code="validation.image_too_large")
+            img = _decode_scaled(path, side, self._budget)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    img.save(fh, format="JPEG", quality=85, optimize=True)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return target
+        finally:
+            with self._lock:
+                self._inflight.pop(target, None)
+
+    def scaled_jpeg(self, media_root: Path, media_path: str, cache_dir: Path, side: int = THUMB_SIDE) -> Path:
+        """A cached JPEG of the media file, at most `side` pixels on its longer edge; made when missing."""
+        path = source_file(media_root, media_path)
+        name = _cache_name(path, side)
+        target = cache_dir / name[:2] / f"{name}.jpg"
+        if target.is_file():
+            return target
+        with self._lock:
+            future = self._inflight.get(target)
+            if future is None:
+                future = self._pool.submit(self._render, path, side, target)
+                self._inflight[target] = future
+        return future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_DEFAULT: Renderer | None = None
+_DEFAULT_LOCK = threading.Lock()
 
 
 def scaled_jpeg(media_root: Path, media_path: str, cache_dir: Path, side: int = THUMB_SIDE) -> Path:
-    """A cached JPEG of the media file, at most `side` pixels on its longer edge; made when missing."""
-    path = source_file(media_root, media_path)
-    name = _cache_name(path, side)
-    target = cache_dir / name[:2] / f"{name}.jpg"
-    if not target.is_file():
-        _render(path, side, target)
-    return target
+    """`Renderer.scaled_jpeg` on the process's one shared pool."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Renderer()
+    return _DEFAULT.scaled_jpeg(media_root, media_path, cache_dir, side)
