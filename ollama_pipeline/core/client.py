@@ -12,7 +12,8 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -44,12 +45,21 @@ class OllamaOptions(BaseModel):
     timeout_ms: int | None = None
     think: bool | None = None
     num_predict: int | None = None
+    # Runner settings: one num_ctx for every call of a run (a change reloads the model, server/sched.go
+    # needsReload; part of the fingerprint, as a cut prompt changes the answer); keep_alive only keeps the
+    # model loaded, so it stays out of `ollama_options` (which fingerprints hash).
     num_ctx: int | None = None
+    keep_alive: str | None = None
 
     def ollama_options(self) -> dict[str, Any]:
+        """The options that decide an answer (part of every stage fingerprint)."""
         opts = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "num_predict": self.num_predict, "num_ctx": self.num_ctx}
         return {k: v for k, v in opts.items() if v is not None}
+
+    def request_options(self) -> dict[str, Any]:
+        """What is sent as `options` (the same as the fingerprinted ones)."""
+        return self.ollama_options()
 
 
 class OllamaTextResponse(BaseModel):
@@ -142,6 +152,8 @@ class OllamaClient:
         self._lock = threading.Lock()
         self._digests: dict[str, str | None] = {}
         self._capabilities: dict[str, list[str]] = {}
+        self._held = threading.local()
+        self._warm: set[tuple[int, str, int | None]] = set()
         self.pool = HostPool(self._hosts(default_slots), self._probe, recheck_s=recheck_s, gate=gate)
 
     def _hosts(self, default_slots: int) -> list[Host]:
@@ -209,6 +221,50 @@ class OllamaClient:
         except Exception:  # any failure means the host is not usable now
             return False
 
+    @contextmanager
+    def hold(self, affinity: str) -> Iterator[None]:
+        """Keep one slot of the item's host for this thread's calls of that item inside the block, so they
+        go back to back to the same host (and Ollama slot, whose cache holds the item's image)."""
+        held = getattr(self._held, "slot", None)
+        if held is not None:
+            yield
+            return
+        self._held.slot = [affinity, None, None]  # affinity, host, token: taken at the first call
+        try:
+            yield
+        finally:
+            slot = self._held.slot
+            self._held.slot = None
+            if slot[1] is not None:
+                self.pool.release(slot[1], slot[2], ok=True, busy_s=0.0, count=False)
+
+    def _acquire(self, model: str | None, affinity: str | None) -> tuple[Host, object | None, bool]:
+        """A slot for one call: the slot this thread holds for the item, or a new one (held=False)."""
+        slot = getattr(self._held, "slot", None)
+        if slot is not None and slot[0] == affinity:
+            host = slot[1]
+            if host is not None and host.up and not host.suspect and host.serves(model):
+                self.pool.count_call(host)
+                return host, slot[2], True
+            if host is not None:  # the held host went down or lacks the model: give its slot back
+                self.pool.release(host, slot[2], ok=True, busy_s=0.0, count=False)
+                slot[1] = slot[2] = None
+            host, token = self.pool.acquire(model, affinity)
+            slot[1], slot[2] = host, token
+            return host, token, True
+        host, token = self.pool.acquire(model, affinity)
+        return host, token, False
+
+    def _release(self, host: Host, token: object | None, held: bool, **counts: Any) -> None:
+        if held:
+            slot = self._held.slot
+            self.pool.record(host, **counts)
+            if counts.get("suspect") and not counts.get("ok"):  # a failing host: let the item move
+                self.pool.release(host, token, ok=True, busy_s=0.0, count=False)
+                slot[1] = slot[2] = None
+            return
+        self.pool.release(host, token, **counts)
+
     def _call(self, fn: Callable[[ollama.Client], T], *, model: str | None, timeout_ms: int | None = None,
               affinity: str | None = None, metered: bool = True) -> tuple[T, int]:
         """Run fn on the item's host with retries; a host that fails its health check is left for another
@@ -219,7 +275,7 @@ class OllamaClient:
         calls = 0
         moves = 0
         while True:
-            host, token = self.pool.acquire(model, affinity) if metered else (self.pool.pick(model), None)
+            host, token, held = self._acquire(model, affinity) if metered else (self.pool.pick(model), None, False)
             started = time.perf_counter()
             calls += 1
             try:
@@ -230,11 +286,11 @@ class OllamaClient:
                     error = self._map_error(exc, model, host)
                 except Exception:
                     if metered:
-                        self.pool.release(host, token, ok=False, busy_s=busy, error=type(exc).__name__)
+                        self._release(host, token, held, ok=False, busy_s=busy, error=type(exc).__name__)
                     raise
                 if metered:
-                    self.pool.release(host, token, ok=False, busy_s=busy, error=error.code,
-                                      suspect=error.retryable and error.code != "network.busy")
+                    self._release(host, token, held, ok=False, busy_s=busy, error=error.code,
+                                  suspect=error.retryable and error.code != "network.busy")
                 error.details["attempts"] = calls
                 if len(self.pool.hosts) > 1:
                     error.details["host"] = host.label
@@ -252,7 +308,7 @@ class OllamaClient:
             if not metered:
                 return result, calls
             busy = time.perf_counter() - started
-            self.pool.release(host, token, ok=True, busy_s=busy,
+            self._release(host, token, held, ok=True, busy_s=busy,
                               prompt_tokens=getattr(result, "prompt_eval_count", None) or 0,
                               output_tokens=getattr(result, "eval_count", None) or 0,
                               model_s=(getattr(result, "total_duration", None) or 0) / 1e9)
@@ -268,7 +324,8 @@ class OllamaClient:
         def call(client: ollama.Client) -> Any:
             return client.generate(model=options.model, prompt=prompt, system=system or "",
                                    images=list(images) if images else None, format=options.format or None,
-                                   options=options.ollama_options(), stream=False, think=think)
+                                   options=options.request_options(), stream=False, think=think,
+                                   keep_alive=options.keep_alive)
 
         raw, attempts = self._call(call, model=options.model, timeout_ms=options.timeout_ms, affinity=affinity)
         return OllamaTextResponse(
@@ -329,6 +386,25 @@ class OllamaClient:
         return OllamaHealthResponse(ok=best.ok, base_url=first.base_url, version=best.version,
                                     latency_ms=best.latency_ms, error_code=None if best.ok else first.error_code,
                                     error=None if best.ok else first.error, hosts=hosts)
+
+    def warm_up(self, options: OllamaOptions) -> list[str]:
+        """Load the model with the run's runner options on every up host that serves it and has not loaded
+        it with them yet (an empty prompt only loads, routes.go). Never raises: the first real call reports
+        a host that is down. Returns the hosts it loaded."""
+        loaded = []
+        for host in self.pool.hosts:
+            key = (host.index, model_key(options.model), options.num_ctx)
+            if not host.up or not host.serves(options.model) or key in self._warm:
+                continue
+            try:
+                self._client(options.timeout_ms, host).generate(
+                    model=options.model, prompt="", options=options.request_options(),
+                    keep_alive=options.keep_alive)
+            except Exception:  # reported by the first real call
+                continue
+            self._warm.add(key)
+            loaded.append(host.label)
+        return loaded
 
     def host_stats(self) -> list[dict[str, Any]]:
         """Per-host calls, failures, busy and model time of this process (for run metadata)."""

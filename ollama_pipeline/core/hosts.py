@@ -186,27 +186,45 @@ class HostPool:
                 finally:
                     first.waiting -= 1
 
+    def count_call(self, host: Host) -> None:
+        """A call on a slot already held (core/client.py `hold`)."""
+        with self._cond:
+            host.stats.calls += 1
+
+    def record(self, host: Host, *, ok: bool, busy_s: float, error: str | None = None, suspect: bool = False,
+               prompt_tokens: int = 0, output_tokens: int = 0, model_s: float = 0.0) -> None:
+        """Count a finished call without giving its slot back."""
+        with self._cond:
+            self._count(host, ok=ok, busy_s=busy_s, error=error, suspect=suspect, prompt_tokens=prompt_tokens,
+                        output_tokens=output_tokens, model_s=model_s)
+
     def release(self, host: Host, token: object | None, *, ok: bool, busy_s: float, error: str | None = None,
-                suspect: bool = False, prompt_tokens: int = 0, output_tokens: int = 0, model_s: float = 0.0
-                ) -> None:
+                suspect: bool = False, prompt_tokens: int = 0, output_tokens: int = 0, model_s: float = 0.0,
+                count: bool = True) -> None:
         """Give the slot back and count the call; `suspect` holds new calls off the host until `check`."""
         if self.gate is not None and token is not None:
             self.gate.release(host, token)
         with self._cond:
             host.in_flight -= 1
-            s = host.stats
-            s.busy_s += busy_s
-            if ok:
-                s.ok += 1
-                s.prompt_tokens += prompt_tokens
-                s.output_tokens += output_tokens
-                s.model_s += model_s
-            else:
-                s.failed += 1
-                s.last_error = error
-                if suspect and host.up and len(self.hosts) > 1:
-                    host.suspect = True
+            if count:
+                self._count(host, ok=ok, busy_s=busy_s, error=error, suspect=suspect,
+                            prompt_tokens=prompt_tokens, output_tokens=output_tokens, model_s=model_s)
             self._cond.notify_all()
+
+    def _count(self, host: Host, *, ok: bool, busy_s: float, error: str | None, suspect: bool,
+               prompt_tokens: int, output_tokens: int, model_s: float) -> None:
+        s = host.stats
+        s.busy_s += busy_s
+        if ok:
+            s.ok += 1
+            s.prompt_tokens += prompt_tokens
+            s.output_tokens += output_tokens
+            s.model_s += model_s
+            return
+        s.failed += 1
+        s.last_error = error
+        if suspect and host.up and len(self.hosts) > 1:
+            host.suspect = True
 
     def check(self, host: Host) -> bool:
         """Probe a host after a failed call; False marks it down (calls then go to other hosts)."""

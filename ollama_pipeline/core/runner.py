@@ -37,6 +37,7 @@ from ollama_pipeline.core.images import (
 from ollama_pipeline.core.injection import answer_repeats_instruction, instruction_targets, strings_of
 from ollama_pipeline.core.jsontext import sha256_json
 from ollama_pipeline.core.logs import PipelineLogs
+from ollama_pipeline.core.shaping import stage_order
 from ollama_pipeline.core.stages import get_stage
 from ollama_pipeline.core.stages.base import (
     SYSTEM_PROMPT,
@@ -91,10 +92,20 @@ class Pipeline:
         return self.settings.ollama.model_for(stage.model_kind)
 
     def options_for(self, stage: Stage, model: str | None = None) -> OllamaOptions:
+        """The options of every call of this stage: sampling from the config, one num_ctx for every call."""
         det = self.settings.ollama.deterministic
-        return OllamaOptions(model=model or self.model_for(stage), format=stage.schema, temperature=det.temperature,
+        model = model or self.model_for(stage)
+        return OllamaOptions(model=model, format=stage.schema, temperature=det.temperature,
                              top_p=det.top_p, seed=det.seed, timeout_ms=self.settings.ollama.timeout_ms,
-                             think=False, num_ctx=self.settings.ollama.num_ctx or DEFAULT_NUM_CTX)
+                             think=False, num_ctx=self.settings.ollama.num_ctx or DEFAULT_NUM_CTX,
+                             keep_alive=self.settings.ollama.keep_alive)
+
+    def warm_up(self, stage: Stage, model: str | None = None) -> None:
+        """Load the stage's model with the run's options before the first item (ollama.warm_up)."""
+        if self.settings.ollama.warm_up:
+            loaded = self.client.warm_up(self.options_for(stage, model))
+            if loaded:
+                self.logs.job_event("model_loaded", model=model or self.model_for(stage), hosts=loaded)
 
     def persist(self, media_id: int, result: StageResult) -> dict[str, Any]:
         """The one write path: the result is checked against the stored schemas, then written."""
@@ -363,6 +374,13 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                        fingerprint=fingerprint, error=error.to_dict(), metrics=metrics)
 
 
+def run_item_held(pipeline: Pipeline, stage: Stage, inputs: StageInputs, **kwargs: Any) -> ItemOutcome:
+    """run_item with one slot of the item's host held for all its calls (candidates, repairs), so they
+    reach the Ollama slot that has the item's image in its prompt cache."""
+    with pipeline.client.hold(str(inputs.media.id)):
+        return run_item(pipeline, stage, inputs, **kwargs)
+
+
 def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], *, force: bool = False,
               concurrency: int | None = None, run_id: str | None = None, job_ids: dict[int, int] | None = None,
               chunk_size: int = 256, model: str | None = None) -> Iterator[ItemOutcome]:
@@ -376,6 +394,8 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
         workers = max(workers, 2 * pipeline.client.pool.total_slots)
     job_ids = job_ids or {}
     lock = threading.Lock()
+    if ids:
+        pipeline.warm_up(stage, model)
     # Items in flight or finished but not yet taken by the caller: a caller that is busy for a moment
     # (a Dagster run storing events) does not leave the model server idle.
     window = max(workers * 4, 32)
@@ -399,10 +419,68 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         yield fut.result()
-                pending.add(pool.submit(run_item, pipeline, stage, inputs[media_id], state=states.get(media_id),
+                pending.add(pool.submit(run_item_held, pipeline, stage, inputs[media_id], state=states.get(media_id),
                                         force=force, model=model, job_id=job_ids.get(media_id), run_id=run_id,
                                         problem=problems.get(media_id)))
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()
+
+
+def _run_vision_item(pipeline: Pipeline, stages: list[Stage], inputs: StageInputs,
+                     states: dict[str, dict[str, Any] | None], force: bool, run_id: str | None,
+                     problem: dict[str, Any] | None) -> list[ItemOutcome]:
+    with pipeline.client.hold(str(inputs.media.id)):
+        return [run_item(pipeline, stage, inputs, state=states[stage.job_type], force=force, run_id=run_id,
+                         problem=problem) for stage in stages]
+
+
+def run_stages(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable[int], *, force: bool = False,
+               concurrency: int | None = None, run_id: str | None = None, chunk_size: int = 256
+               ) -> Iterator[ItemOutcome]:
+    """Run several stages item by item: an item's vision stages back to back on one slot of its host (the
+    image is prefilled once, then served from Ollama's prompt cache), then the text stages stage by stage
+    (vision work first, so a host that holds one model swaps once). Yields outcomes as they complete."""
+    order = [get_stage(j) for j in stage_order(job_types)]
+    vision = [s for s in order if s.model_kind == "vision"]
+    text = [s for s in order if s.model_kind == "text"]
+    ids = list(dict.fromkeys(int(i) for i in media_ids))
+    if vision and ids:
+        for stage in vision:
+            pipeline.warm_up(stage)
+        workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
+        if len(pipeline.client.pool.hosts) > 1:
+            workers = max(workers, 2 * pipeline.client.pool.total_slots)
+        window = max(workers * 4, 32)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vision") as pool:
+            pending: set[Future[list[ItemOutcome]]] = set()
+            for start in range(0, len(ids), chunk_size):
+                chunk = ids[start : start + chunk_size]
+                inputs = repository.load_inputs_many(pipeline.engine, chunk)
+                for stage in vision:
+                    if stage.enrich is not None:
+                        stage.enrich(pipeline, inputs)  # each enrichment fills its own field
+                states = {s.job_type: repository.stage_states(pipeline.engine, s.job_type, chunk) for s in vision}
+                problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
+                for media_id in chunk:
+                    if media_id not in inputs:
+                        err = ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
+                        for stage in vision:
+                            yield ItemOutcome(media_id=media_id, stage=stage.job_type, status="failed",
+                                              error=err.to_dict())
+                        continue
+                    while len(pending) >= window:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            yield from fut.result()
+                    pending.add(pool.submit(_run_vision_item, pipeline, vision, inputs[media_id],
+                                            {j: states[j].get(media_id) for j in states}, force, run_id,
+                                            problems.get(media_id)))
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield from fut.result()
+    for stage in text:
+        yield from run_stage(pipeline, stage, ids, force=force, concurrency=concurrency, run_id=run_id,
+                             chunk_size=chunk_size)

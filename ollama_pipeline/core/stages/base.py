@@ -261,9 +261,32 @@ class Stage:
         return self.version
 
 
+# Every vision request of an item starts alike: system prompt, then the image (Ollama puts images in front
+# of the prompt text, server/prompt.go chatPrompt), then these facts; the stage's own question comes last.
+# Ollama reuses the longest common prefix of a slot's previous request, so an item's second and later
+# vision calls on the same slot prefill only their question.
+ITEM_FACTS = """Facts about this media file:
+{media}
+
+"""
+
+
+def item_prefix(inputs: StageInputs) -> str:
+    """The shared start of an item's vision prompts (after the image)."""
+    m = inputs.media
+    return render(ITEM_FACTS, media={"type": m.type, "width": m.width, "height": m.height})
+
+
+def vision_prompt(stage: Stage, inputs: StageInputs, **data: Any) -> str:
+    """The item's shared facts, then the stage's question with its own data."""
+    return item_prefix(inputs) + render(stage.template, **data)
+
+
 def single_request(stage: Stage, inputs: StageInputs, **data: Any) -> list[ModelRequest]:
-    images = (ImageRef(inputs.media.id, inputs.media.path),) if "image" in stage.inputs else ()
-    return [ModelRequest(prompt=render(stage.template, **data), images=images)]
+    if "image" not in stage.inputs:
+        return [ModelRequest(prompt=render(stage.template, **data))]
+    return [ModelRequest(prompt=vision_prompt(stage, inputs, **data),
+                         images=(ImageRef(inputs.media.id, inputs.media.path),))]
 
 
 def round3(value: float) -> float:

@@ -22,9 +22,7 @@ class TitleAnswer(BaseModel):
 
 CAPTION_TEMPLATE = """Describe this image for a media library.
 Return JSON with "caption" (one sentence, at most 300 characters) and "description" (two to four sentences
-about subject, setting, style, colours and mood). Describe only what is visible.
-Known facts about the file:
-{media}"""
+about subject, setting, style, colours and mood). Describe only what is visible."""
 
 TITLE_TEMPLATE = """Write a short, specific title (at most ten words, no quotes) for a library image.
 Return JSON with "title". Use the caption and, as context only, the generation prompt.
@@ -42,8 +40,7 @@ def _text(value: object) -> str | None:
 
 
 def plan_caption(stage: Stage, inputs: StageInputs) -> list:
-    m = inputs.media
-    return single_request(stage, inputs, media={"type": m.type, "width": m.width, "height": m.height})
+    return single_request(stage, inputs)
 
 
 def combine_caption(stage: Stage, inputs: StageInputs, answers: dict[str, BaseModel]) -> StageOutput:
@@ -73,7 +70,7 @@ CAPTION = Stage(
     description="A one-sentence caption and a longer description of the image, from the vision model.",
     model_kind="vision",
     inputs=("image", "media"),
-    prompt_version="caption-v1",
+    prompt_version="caption-v2",
     template=CAPTION_TEMPLATE,
     output_schema=CaptionAnswer,
     writes=("ollama.caption", "ollama.description"),

@@ -28,8 +28,8 @@ from ollama_pipeline.core.stages.base import (
     Stage,
     StageInputs,
     StageOutput,
-    render,
     round3,
+    vision_prompt,
 )
 
 DHASH_THRESHOLD = 10  # of 64 bits: near-identical crops, re-encodes and small edits
@@ -135,7 +135,7 @@ def plan_duplicates(stage: Stage, inputs: StageInputs) -> list[ModelRequest]:
     requests = []
     for cand in inputs.duplicate_candidates:
         facts = {"found_by": cand.found_by, "dhash_distance_bits": cand.distance, "dhash_bits": 64}
-        requests.append(ModelRequest(prompt=render(stage.template, facts=facts),
+        requests.append(ModelRequest(prompt=vision_prompt(stage, inputs, facts=facts),
                                      images=(me, ImageRef(cand.media_id, cand.path)), key=str(cand.media_id)))
     return requests
 
@@ -167,7 +167,7 @@ DUPLICATES = Stage(
     "duplicate / variant / different with confidence. No candidates, no model call.",
     model_kind="vision",
     inputs=("image", "prompt"),
-    prompt_version="duplicates-v1",
+    prompt_version="duplicates-v2",
     template=PAIR_TEMPLATE,
     output_schema=PairAnswer,
     writes=("ollama.duplicate_assist",),

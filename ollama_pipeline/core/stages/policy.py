@@ -130,7 +130,7 @@ POLICY = Stage(
     "and an audit_log row.",
     model_kind="vision",
     inputs=("image", "media", "scan"),
-    prompt_version="policy-v1",
+    prompt_version="policy-v2",
     template=POLICY_TEMPLATE,
     output_schema=PolicyAnswer,
     writes=("ollama.policy_flags",),

@@ -76,7 +76,7 @@ PROMPT_RECON = Stage(
     "generator (the model never sees the stored prompt), with its token similarity to the stored one.",
     model_kind="vision",
     inputs=("image", "prompt"),
-    prompt_version="prompt-recon-v1",
+    prompt_version="prompt-recon-v2",
     template=RECON_TEMPLATE,
     output_schema=ReconAnswer,
     writes=("ollama.prompt_reconstruction",),

@@ -49,14 +49,11 @@ QUALITY_TEMPLATE = """Judge the technical quality of this AI-generated image for
 Return JSON with "score" (0..1), "verdict" ("ok", "needs_review" or "rejected"), "issues" (a list of
 {{"kind", "severity"}} with kind one of blur, artifacts, malformed_hands, malformed_anatomy, text,
 watermark, noise, overexposed, underexposed, cropped, low_resolution, other; empty when there are none) and
-"summary" (one sentence). Judge only what is visible.
-Known facts about the file:
-{media}"""
+"summary" (one sentence). Judge only what is visible."""
 
 
 def plan_quality(stage: Stage, inputs: StageInputs) -> list:
-    m = inputs.media
-    return single_request(stage, inputs, media={"type": m.type, "width": m.width, "height": m.height})
+    return single_request(stage, inputs)
 
 
 def combine_quality(stage: Stage, inputs: StageInputs, answers: dict[str, BaseModel]) -> StageOutput:
@@ -114,7 +111,7 @@ QUALITY = Stage(
     "media.quality_status/quality_score, with a lifecycle event and an audit_log row when they change.",
     model_kind="vision",
     inputs=("image", "media"),
-    prompt_version="quality-v1",
+    prompt_version="quality-v2",
     template=QUALITY_TEMPLATE,
     output_schema=QualityAnswer,
     writes=("ollama.quality",),
@@ -132,7 +129,7 @@ SCORES = Stage(
     "from the vision model, and their mean as `overall`.",
     model_kind="vision",
     inputs=("image", "prompt"),
-    prompt_version="scores-v1",
+    prompt_version="scores-v2",
     template=SCORES_TEMPLATE,
     output_schema=ScoresAnswer,
     writes=("ollama.scores",),

@@ -220,7 +220,7 @@ TAGS = Stage(
     "locked and human tags are never changed).",
     model_kind="vision",
     inputs=("image", "prompt", "tags"),
-    prompt_version=f"tags-v1.{NORMALIZE_VERSION}",
+    prompt_version=f"tags-v2.{NORMALIZE_VERSION}",
     template=TAGS_TEMPLATE,
     output_schema=TagsAnswer,
     writes=("ollama.tags_raw", "ollama.tags_normalized"),
