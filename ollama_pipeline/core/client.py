@@ -154,6 +154,7 @@ class OllamaClient:
         self._capabilities: dict[str, list[str]] = {}
         self._held = threading.local()
         self._warm: set[tuple[int, str, int | None]] = set()
+        self._warm_lock = threading.Lock()
         self.pool = HostPool(self._hosts(default_slots), self._probe, recheck_s=recheck_s, gate=gate)
 
     def _hosts(self, default_slots: int) -> list[Host]:
@@ -389,21 +390,23 @@ class OllamaClient:
 
     def warm_up(self, options: OllamaOptions) -> list[str]:
         """Load the model with the run's runner options on every up host that serves it and has not loaded
-        it with them yet (an empty prompt only loads, routes.go). Never raises: the first real call reports
-        a host that is down. Returns the hosts it loaded."""
+        it with them in this process (an empty prompt only loads, server/routes.go). Concurrent callers
+        wait for the one load. Never raises: the first real call reports a host that is down. Returns the
+        hosts it loaded."""
         loaded = []
-        for host in self.pool.hosts:
-            key = (host.index, model_key(options.model), options.num_ctx)
-            if not host.up or not host.serves(options.model) or key in self._warm:
-                continue
-            try:
-                self._client(options.timeout_ms, host).generate(
-                    model=options.model, prompt="", options=options.request_options(),
-                    keep_alive=options.keep_alive)
-            except Exception:  # reported by the first real call
-                continue
-            self._warm.add(key)
-            loaded.append(host.label)
+        with self._warm_lock:
+            for host in self.pool.hosts:
+                key = (host.index, model_key(options.model), options.num_ctx)
+                if not host.up or not host.serves(options.model) or key in self._warm:
+                    continue
+                self._warm.add(key)
+                try:
+                    self._client(options.timeout_ms, host).generate(
+                        model=options.model, prompt="", options=options.request_options(),
+                        keep_alive=options.keep_alive)
+                except Exception:  # reported by the first real call
+                    continue
+                loaded.append(host.label)
         return loaded
 
     def host_stats(self) -> list[dict[str, Any]]:

@@ -113,6 +113,9 @@ class PipelineConfig(_Strict):
     max_tags: int = Field(default=20, ge=1, le=200)
     duplicate_candidates: int = Field(default=3, ge=0, le=20)
     queue: QueueConfig = QueueConfig()
+    slot_limiter_url: str | None = Field(
+        default=None, description="PostgreSQL URL whose advisory locks hold each Ollama host to its slots "
+                                  "across every worker process (core/limiter.py); default: per process only.")
     web_token: str | None = Field(default=None, description="Required by the web UI when bound off loopback.")
     dagster_ui_url: str = "http://127.0.0.1:3000"
 

@@ -84,7 +84,13 @@ class Pipeline:
     @classmethod
     def from_settings(cls, settings: Settings, *, client: OllamaClient | None = None) -> Pipeline:
         engine = get_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
-        client = client or OllamaClient(settings.ollama, default_slots=settings.pipeline.concurrency)
+        if client is None:
+            gate = None
+            if settings.pipeline.slot_limiter_url:
+                from ollama_pipeline.core.limiter import PostgresSlotGate
+
+                gate = PostgresSlotGate(settings.pipeline.slot_limiter_url)
+            client = OllamaClient(settings.ollama, default_slots=settings.pipeline.concurrency, gate=gate)
         return cls(settings=settings, engine=engine, client=client,
                    logs=PipelineLogs(settings.logs_dir))
 
@@ -321,6 +327,9 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
                                         fingerprint=fingerprint))
             return done(_persist_output(pipeline, stage, inputs, refreshed, model=model, fingerprint=fingerprint,
                                         metrics=metrics, started=started, job_id=job_id, run_id=run_id))
+        loading = time.perf_counter()
+        pipeline.warm_up(stage, model)  # once per model and host; not on this item's clock
+        started += time.perf_counter() - loading
         prepared: dict[int, str] = {}
         answers: dict[str, BaseModel] = {}
         cfg = pipeline.settings
@@ -394,8 +403,6 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
         workers = max(workers, 2 * pipeline.client.pool.total_slots)
     job_ids = job_ids or {}
     lock = threading.Lock()
-    if ids:
-        pipeline.warm_up(stage, model)
     # Items in flight or finished but not yet taken by the caller: a caller that is busy for a moment
     # (a Dagster run storing events) does not leave the model server idle.
     window = max(workers * 4, 32)
@@ -447,8 +454,6 @@ def run_stages(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable
     text = [s for s in order if s.model_kind == "text"]
     ids = list(dict.fromkeys(int(i) for i in media_ids))
     if vision and ids:
-        for stage in vision:
-            pipeline.warm_up(stage)
         workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
         if len(pipeline.client.pool.hosts) > 1:
             workers = max(workers, 2 * pipeline.client.pool.total_slots)
