@@ -103,9 +103,6 @@ def make_settings(*, db_url: str, media_root: Path, logs_dir: Path, base_url: st
             "vision_model": "llava:7b",
             "text_model": "llama3.2:3b",
             "retry": {"max_attempts": 2, "backoff_ms": 10},
-            # The bundled emulator still answers an empty prompt like any other (Ollama only loads the
-            # model), which would add one model call to the counts tests assert; test_shaping turns it on.
-            "warm_up": False,
         },
         "database": {"url": db_url, "lock_retries": 3},
         "media_root": str(media_root),

@@ -77,7 +77,7 @@ def test_vision_stages_item_by_item_reuse_the_cached_image_and_never_reload(tmp_
     later run of other stages."""
     host = EmulatorProcess("--profile", "rtx3090-parallel4", "--time-scale", "200")
     try:
-        settings = _settings(tmp_path, host.base_url, ollama__warm_up=True)
+        settings = _settings(tmp_path, host.base_url)
         ids = _library(settings, 8)
         pipeline = Pipeline.from_settings(settings)
         outcomes = list(run_stages(pipeline, [*VISION, "ollama_title"], ids))

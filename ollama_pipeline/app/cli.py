@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_export)
 
     for module in ("ollama_pipeline.app.cli_jobs", "ollama_pipeline.app.web.cli", "ollama_pipeline.bench",
-                   "ollama_pipeline.app.docs", "ollama_pipeline.app.ui"):
+                   "ollama_pipeline.app.docs", "ollama_pipeline.app.ui", "ollama_pipeline.app.pilot"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ModuleNotFoundError as exc:

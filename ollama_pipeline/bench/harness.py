@@ -81,9 +81,7 @@ def bench_config(workdir: Path, base_url: str, *, db_url: str | None = None, con
     return {
         "ollama": {"base_url": base_url, "model": {"default": "llava:7b"}, "timeout_ms": 120_000,
                    "max_image_bytes": 1_000_000, "vision_model": "llava:7b", "text_model": "llama3.2:3b",
-                   "retry": {"max_attempts": 3, "backoff_ms": 200},
-                   # the flat emulator answers an empty prompt like a call (Ollama only loads): no warm-up
-                   "warm_up": False},
+                   "retry": {"max_attempts": 3, "backoff_ms": 200}},
         "database": {"url": db_url or f"sqlite:///{workdir / 'library.db'}", "busy_timeout_ms": 30_000,
                      "lock_retries": 5},
         "media_root": str(workdir / "media"),
