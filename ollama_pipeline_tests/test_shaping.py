@@ -17,7 +17,7 @@ from ollama_pipeline.app.demo_library import add_media_rows
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import init_db, make_engine
 from ollama_pipeline.core.runner import Pipeline, run_stage, run_stages
-from ollama_pipeline.core.shaping import context_size, stage_order
+from ollama_pipeline.core.shaping import stage_order
 from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.core.stages.base import item_prefix
 from ollama_pipeline.emulator.__main__ import build_parser as emulator_parser
@@ -57,15 +57,8 @@ def test_an_items_vision_prompts_share_image_and_facts_and_end_with_their_questi
         assert request.prompt[len(prefix):].startswith(stage.template.split("\n", 1)[0])
 
 
-def test_one_context_size_per_model_covers_its_largest_stage(tmp_path: Path) -> None:
-    """num_ctx is one value per model for every stage and run: two images of the duplicate stage plus
-    prompt and answer fit; the text model keeps Ollama's 4096; ollama.num_ctx overrides."""
-    settings = _settings(tmp_path, "http://127.0.0.1:9")
-    vision = context_size(settings, "llava:7b")
-    assert vision % 1024 == 0 and vision >= 2 * 2944 + 2048
-    assert context_size(settings, "llava:7b", "gemma3") < vision
-    assert context_size(settings, "llama3.2:3b") == 4096
-    assert context_size(_settings(tmp_path, "http://127.0.0.1:9", ollama__num_ctx=16384), "llava:7b") == 16384
+def test_vision_work_comes_before_text(tmp_path: Path) -> None:
+    """Item-by-item runs order the stages vision first, then text, in registry order."""
     assert stage_order(["ollama_title", "ollama_policy_flags", "ollama_caption"]) == [
         "ollama_caption", "ollama_policy_flags", "ollama_title"]
 

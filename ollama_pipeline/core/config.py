@@ -75,8 +75,8 @@ class OllamaConfig(_Strict):
                             description="How long Ollama keeps a model loaded after a call (Go duration; -1 = "
                                         "for ever). Ollama's default is 5m, shorter than a pause in a long run.")
     num_ctx: int | None = Field(default=None, ge=512, le=1_048_576,
-                                description="Context size sent with every call of a run; default: sized for "
-                                            "the largest stage (image tokens + prompt + answer).")
+                                description="Context size sent with every call of a run; default 8192, the "
+                                            "largest request (two images + prompt + answer).")
     warm_up: bool = Field(default=True, description="Load each model with one empty call before a run starts.")
 
     def model_for(self, kind: Literal["vision", "text"]) -> str:
