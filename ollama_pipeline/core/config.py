@@ -120,12 +120,48 @@ class PipelineConfig(_Strict):
     dagster_ui_url: str = "http://127.0.0.1:3000"
 
 
+class LibraryConfig(_Strict):
+    """How the gallery's tables are laid out (`library:`); discovered by reflection, completed by this."""
+
+    profile: Literal["auto", "pipeline", "localsupervisor", "custom"] = Field(
+        default="auto", description="auto: LocalSupervisor when its schema_migrations lists its migrations, "
+        "custom when tables/columns are mapped, else the pipeline's own schema.")
+    schema_name: str | None = Field(default=None, alias="schema", description="PostgreSQL schema of the gallery.")
+    prefix: str = Field(default="", description="Prefix of every gallery table name (e.g. 'gal_').")
+    tables: dict[str, str] = Field(default_factory=dict, description="logical table -> table name")
+    columns: dict[str, dict[str, str]] = Field(default_factory=dict, description="table -> logical -> column")
+    media_meta_layout: Literal["auto", "upsert", "append_log"] = "auto"
+    value_format: Literal["auto", "json", "localsupervisor"] = "auto"
+    values: dict[str, Literal["json", "text"]] = Field(
+        default_factory=dict, description="per key: json (the stored schema as JSON text) or text (plain text "
+        "of a text value such as ollama.caption)")
+    tag_origin_column: str | None = Field(default=None, description="media_tags column naming a link's origin")
+    quality_status: dict[Literal["ok", "needs_review", "rejected"], str] = Field(
+        default_factory=dict, description="the pipeline's verdict -> the gallery's quality_status value")
+    writable: dict[str, list[str]] = Field(
+        default_factory=dict, description="table -> the logical columns the pipeline may write (default: all "
+        "it knows)")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("tables", "columns", "writable")
+    @classmethod
+    def _known_tables(cls, value: dict[str, Any]) -> dict[str, Any]:
+        known = ("media", "prompts", "tags", "media_tags", "scan_results", "media_meta", "media_lifecycle_events",
+                 "audit_log")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown table(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return value
+
+
 class Settings(_Strict):
     ollama: OllamaConfig
     database: DatabaseConfig
     media_root: Path
     logs_dir: Path = Path("LOGS")
     pipeline: PipelineConfig = PipelineConfig()
+    library: LibraryConfig = LibraryConfig()
 
     @field_validator("media_root", "logs_dir")
     @classmethod

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from ollama_pipeline.core.client import OllamaClient, OllamaOptions, OllamaTextResponse
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db import repository
-from ollama_pipeline.core.db.engine import get_engine
+from ollama_pipeline.core.db.engine import engine_for_settings
 from ollama_pipeline.core.errors import InvalidResponseFormatError, OllamaPipelineError, ValidationError
 from ollama_pipeline.core.images import (
     check_media_type,
@@ -83,7 +83,7 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, client: OllamaClient | None = None) -> Pipeline:
-        engine = get_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        engine = engine_for_settings(settings)
         if client is None:
             gate = None
             if settings.pipeline.slot_limiter_url:
@@ -113,13 +113,14 @@ class Pipeline:
             if loaded:
                 self.logs.job_event("model_loaded", model=model or self.model_for(stage), hosts=loaded)
 
-    def persist(self, media_id: int, result: StageResult) -> dict[str, Any]:
-        """The one write path: the result is checked against the stored schemas, then written."""
+    def persist(self, media_id: int, result: StageResult, *, force: bool = False) -> dict[str, Any]:
+        """The one write path: the result is checked against the stored schemas, then written (force:
+        also over values a person changed since the pipeline wrote them)."""
         check_stored(get_stage(result.stage), result.output)
         p = self.settings.pipeline
         return repository.persist_result(self.engine, media_id, result, write_tags=p.write_tags,
                                          write_quality_status=p.write_quality_status,
-                                         lock_retries=self.settings.database.lock_retries)
+                                         lock_retries=self.settings.database.lock_retries, force=force)
 
 
 class ItemOutcome(BaseModel):
@@ -134,6 +135,7 @@ class ItemOutcome(BaseModel):
     error: dict[str, Any] | None = None
     metrics: CallMetrics = CallMetrics()
     changed_keys: list[str] = []
+    human_edited: list[str] = []  # keys a person changed since the pipeline wrote them: kept, not overwritten
 
 
 def _call_model(pipeline: Pipeline, stage: Stage, request: ModelRequest, images_b64: list[str],
@@ -201,22 +203,24 @@ def check_injection(stage: Stage, inputs: StageInputs, output: StageOutput) -> N
 
 def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, output: StageOutput, *, model: str,
                     fingerprint: str, metrics: CallMetrics, started: float, job_id: int | None,
-                    run_id: str | None) -> ItemOutcome:
+                    run_id: str | None, force: bool = False) -> ItemOutcome:
     """Check, persist and log one built output (from the model's answers, or refreshed from stored values)."""
     media_id = inputs.media.id
     metrics.wall_ms = (time.perf_counter() - started) * 1000.0
     result = StageResult(stage=stage.job_type, model=model, model_digest=pipeline.client.model_digest(model),
                          version=stage.version, fingerprint=fingerprint, output=output, metrics=metrics,
                          job_id=job_id, run_id=run_id, ran_at=datetime.now(UTC))
-    changes = pipeline.persist(media_id, result)
+    changes = pipeline.persist(media_id, result, force=force)
     outcome = ItemOutcome(media_id=media_id, stage=stage.job_type,
                           status="written" if set(changes["changed_keys"]) - {"ollama.last_run_at"} else "unchanged", model=model,
-                          fingerprint=fingerprint, metrics=metrics, changed_keys=changes["changed_keys"])
+                          fingerprint=fingerprint, metrics=metrics, changed_keys=changes["changed_keys"],
+                          human_edited=changes.get("human_edited", []))
     pipeline.logs.job_event("stage_succeeded", job_id=job_id, run_id=run_id, media_id=media_id,
                             job_type=stage.job_type, model=model, version=stage.version,
                             duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls,
                             prompt_eval_count=metrics.prompt_eval_count, eval_count=metrics.eval_count,
-                            repairs=metrics.repairs, changed_keys=changes["changed_keys"])
+                            repairs=metrics.repairs, changed_keys=changes["changed_keys"],
+                            **({"human_edited": changes["human_edited"]} if changes.get("human_edited") else {}))
     return outcome
 
 
@@ -350,7 +354,7 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
         output = stage.combine(stage, inputs, answers)
         check_injection(stage, inputs, output)
         return done(_persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
-                                    metrics=metrics, started=started, job_id=job_id, run_id=run_id))
+                                    metrics=metrics, started=started, job_id=job_id, run_id=run_id, force=force))
     except OllamaPipelineError as exc:
         error = exc
     except Exception as exc:  # an unexpected bug still fails only this item, with its type logged

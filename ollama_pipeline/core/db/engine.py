@@ -9,10 +9,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Column, Connection, Engine, Index, MetaData, Table, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
-from ollama_pipeline.core.db.models import Base
+from ollama_pipeline.core.config import LibraryConfig
+from ollama_pipeline.core.db.models import PIPELINE_TABLES, Base
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -56,11 +57,44 @@ def get_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
         return engine
 
 
-def init_db(engine: Engine) -> list[str]:
-    """Create the tables that do not exist yet; existing gallery tables are used as they are."""
-    existing = set(inspect(engine).get_table_names())
-    Base.metadata.create_all(engine, checkfirst=True)
-    return [t for t in Base.metadata.tables if t not in existing]
+def _without_gallery_keys(table: Table, metadata: MetaData) -> Table:
+    """A copy of one of the pipeline's tables without foreign keys into the gallery (whose media table
+    has another name or schema)."""
+    copy = Table(table.name, metadata, *[Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                         for c in table.columns])
+    for ix in table.indexes:
+        Index(ix.name, *[copy.c[c.name] for c in ix.columns], unique=bool(ix.unique), **ix.dialect_kwargs)
+    return copy
+
+
+def init_db(engine: Engine, library: LibraryConfig | None = None) -> list[str]:
+    """Create the pipeline's own tables that do not exist yet; on a database without a gallery, also the
+    gallery tables in the pipeline's own schema. Existing gallery tables are used as they are."""
+    from ollama_pipeline.core.db.gallery import forget
+
+    library = library or getattr(engine, "_ollama_library", None) or LibraryConfig()
+    insp = inspect(engine)
+    existing = set(insp.get_table_names())
+    media_name = library.tables.get("media") or f"{library.prefix}media"
+    gallery_present = media_name in set(insp.get_table_names(schema=library.schema_name))
+    plain = media_name == "media" and library.schema_name is None
+    if not gallery_present and plain:
+        Base.metadata.create_all(engine, checkfirst=True)
+    elif plain:
+        Base.metadata.create_all(engine, tables=[Base.metadata.tables[t] for t in PIPELINE_TABLES], checkfirst=True)
+    else:
+        metadata = MetaData()
+        own = [_without_gallery_keys(Base.metadata.tables[t], metadata) for t in PIPELINE_TABLES]
+        metadata.create_all(engine, tables=own, checkfirst=True)
+    forget(engine)
+    return [t for t in Base.metadata.tables if t not in existing and t in set(inspect(engine).get_table_names())]
+
+
+def engine_for_settings(settings: Any) -> Engine:
+    """The process-wide engine of the settings' database, bound to its `library:` mapping."""
+    engine = get_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    engine._ollama_library = settings.library  # type: ignore[attr-defined]
+    return engine
 
 
 def read_connection(engine: Engine) -> Connection:

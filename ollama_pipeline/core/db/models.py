@@ -218,6 +218,31 @@ class OllamaMediaIndex(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+class OllamaValue(Base):
+    """The pipeline's copy of what it wrote per media item and key: the full value (canonical JSON of its
+    stored schema; NULL for a key derived for the gallery's panel) and the exact text written into the
+    gallery's media_meta, so a later different value there is recognised as a person's edit."""
+
+    __tablename__ = "ollama_values"
+
+    media_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str | None] = mapped_column(Text)
+    written: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class OllamaTagLink(Base):
+    """The media_tags links the pipeline made, for galleries without an origin column: a re-run removes only
+    these when they are stale; every other link belongs to people or importers."""
+
+    __tablename__ = "ollama_tag_links"
+
+    media_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tag_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 GALLERY_TABLES = ("media", "prompts", "tags", "media_tags", "scan_results", "media_meta",
                   "media_lifecycle_events", "audit_log")
-PIPELINE_TABLES = ("ollama_jobs", "ollama_stage_results", "ollama_media_index")
+PIPELINE_TABLES = ("ollama_jobs", "ollama_stage_results", "ollama_media_index", "ollama_values", "ollama_tag_links")

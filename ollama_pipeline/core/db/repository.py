@@ -3,6 +3,11 @@
 Everything the assets and the job processor store goes through `persist_ollama_result` (success) or
 `record_stage_failure` (failure, which never touches media_meta). Each is one transaction; on SQLite a
 locked database is retried with backoff before it becomes `persistence.locked`.
+
+Gallery tables are used as discovered (`gallery.py`): statements are built from the reflected tables and
+name only columns that are there. `media_meta` is either upserted per (media_id, key) or, in an append-only
+log such as LocalSupervisor's, read newest-row-per-key and appended to only when a value changed. A value a
+person changed after the pipeline wrote it is kept (`human_edited`) unless the write is forced.
 """
 
 from __future__ import annotations
@@ -13,23 +18,33 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from ollama_pipeline.core.db.engine import read_connection
-from ollama_pipeline.core.db.models import (
-    AuditLog,
-    Media,
-    MediaLifecycleEvent,
-    MediaMeta,
-    MediaTag,
-    OllamaMediaIndex,
-    OllamaStageResult,
-    Prompt,
-    ScanResult,
-    Tag,
+from ollama_pipeline.core.db.gallery import Gallery, GalleryTable, gallery_for, require_gallery
+from ollama_pipeline.core.db.models import OllamaMediaIndex, OllamaStageResult, OllamaTagLink, OllamaValue
+from ollama_pipeline.core.db.values import (
+    LOCALSUPERVISOR_PROVENANCE,
+    STAGE_VERSION,
+    decode_text,
+    encode_values,
 )
 from ollama_pipeline.core.errors import OllamaPipelineError, PersistenceError, ValidationError
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
@@ -107,17 +122,130 @@ def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: list[str
     conn.execute(_upsert_statement(dialect, table, tuple(keys), tuple(update_cols)), values)
 
 
+# ---- small helpers -------------------------------------------------------------------------------
+
+
+def _ts(col: Column[Any], now: datetime) -> Any:
+    """A timestamp in the column's own form: datetime for date/time columns, ISO text otherwise."""
+    return now if isinstance(col.type, DateTime) else iso(now)
+
+
+def _row(t: GalleryTable, values: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Logical values -> physical column values, keeping only columns that exist and may be written;
+    timestamp columns (created_at, updated_at) are filled in their own form."""
+    out: dict[str, Any] = {}
+    for logical, value in values.items():
+        if t.may_write(logical):
+            out[t.c(logical).name] = value
+    for logical in ("created_at", "updated_at"):
+        if logical not in values and t.may_write(logical):
+            out[t.c(logical).name] = _ts(t.c(logical), now)
+    return out
+
+
+def _is_set(col: Column[Any]) -> Any:
+    """col is true: a Boolean column or a 0/1 integer column."""
+    return col.is_(True) if isinstance(col.type, Boolean) else col == 1
+
+
+def _python_type(col: Column[Any] | None) -> type | None:
+    try:
+        return None if col is None else col.type.python_type
+    except NotImplementedError:
+        return None
+
+
+def _seed(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() and len(text) < 20 else None
+
+
+def _meta_latest(g: Gallery, media_ids: list[int] | None = None, keys: list[str] | None = None) -> Any:
+    """A selectable (media_id, key, value[, source]) of the current media_meta value per item and key."""
+    t = g["media_meta"]
+    cols = [t.c("media_id").label("media_id"), t.c("key").label("key"), t.c("value").label("value")]
+    if t.has("source"):
+        cols.append(t.c("source").label("source"))
+    conds = []
+    if media_ids is not None:
+        conds.append(t.c("media_id").in_(media_ids))
+    if keys is not None:
+        conds.append(t.c("key").in_(keys))
+    if g.meta_layout == "upsert":
+        return select(*cols).where(*conds)
+    newest = (select(func.max(t.c("id")).label("id")).where(*conds)
+              .group_by(t.c("media_id"), t.c("key")).subquery())
+    return select(*cols).join(newest, newest.c.id == t.c("id"))
+
+
+def meta_values(conn: Connection, g: Gallery, media_ids: list[int] | None = None,
+                keys: list[str] | None = None) -> dict[int, dict[str, str | None]]:
+    """The current media_meta text per item and key (newest row per key in an append-only log)."""
+    out: dict[int, dict[str, str | None]] = {}
+    for r in conn.execute(_meta_latest(g, media_ids, keys)).mappings():
+        out.setdefault(int(r["media_id"]), {})[r["key"]] = r["value"]
+    return out
+
+
+def values_table(engine: Engine) -> Any:
+    """What the export, report and web UI read as (media_id, key, value JSON): media_meta itself when the
+    gallery stores the pipeline's JSON in upsert form, else the pipeline's copy in ollama_values."""
+    g = gallery_for(engine)
+    if g.value_format == "json" and g.meta_layout == "upsert" and not g.text_keys:
+        t = g["media_meta"]
+        return select(t.c("media_id").label("media_id"), t.c("key").label("key"),
+                      t.c("value").label("value")).subquery("meta_values")
+    v = OllamaValue.__table__
+    return select(v.c.media_id, v.c.key, v.c.value).where(v.c.value.is_not(None)).subquery("meta_values")
+
+
 # ---- reads (§1) ----------------------------------------------------------------------------------
 
+_MEDIA_FIELDS = ("type", "width", "height", "rating", "has_nsfw", "hash", "status", "quality_status",
+                 "quality_score")
 
-def load_media_rows(conn: Connection, media_ids: Iterable[int]) -> dict[int, MediaRow]:
+
+def load_media_rows(conn: Connection, media_ids: Iterable[int], g: Gallery | None = None) -> dict[int, MediaRow]:
+    g = g or gallery_for(conn.engine)
+    m = g["media"]
     ids = list(media_ids)
-    rows = conn.execute(select(Media).where(Media.id.in_(ids))).mappings() if ids else []
+    if not ids:
+        return {}
+    fields = ["id", "path"] + [f for f in _MEDIA_FIELDS if m.has(f)]
+    rows = conn.execute(select(*[m.c(f).label(f) for f in fields]).where(m.c("id").in_(ids))).mappings()
     out = {}
+    reverse = {v: k for k, v in g.quality_map.items()}
     for r in rows:
         row = dict(r)
-        out[row["id"]] = MediaRow.model_validate({k: row.get(k) for k in MediaRow.model_fields})
+        if row.get("quality_status") in reverse:
+            row["quality_status"] = reverse[row["quality_status"]]
+        out[row["id"]] = MediaRow.model_validate(row)
     return out
+
+
+def _pipeline_values(conn: Connection, media_ids: list[int]) -> dict[int, dict[str, OllamaValueRow]]:
+    v = OllamaValue.__table__
+    out: dict[int, dict[str, OllamaValueRow]] = {}
+    for r in conn.execute(select(v.c.media_id, v.c.key, v.c.value, v.c.written).where(v.c.media_id.in_(media_ids))):
+        out.setdefault(int(r[0]), {})[r[1]] = OllamaValueRow(r[2], r[3])
+    return out
+
+
+class OllamaValueRow(tuple):  # (value, written)
+    def __new__(cls, value: str | None, written: str | None) -> OllamaValueRow:
+        return super().__new__(cls, (value, written))
+
+    @property
+    def value(self) -> str | None:
+        return self[0]
+
+    @property
+    def written(self) -> str | None:
+        return self[1]
 
 
 def load_inputs_many(engine: Engine, media_ids: Iterable[int]) -> dict[int, StageInputs]:
@@ -125,38 +253,91 @@ def load_inputs_many(engine: Engine, media_ids: Iterable[int]) -> dict[int, Stag
     ids = sorted(set(media_ids))
     if not ids:
         return {}
+    g = require_gallery(engine)
     result: dict[int, StageInputs] = {}
     with read_connection(engine) as conn:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            media = load_media_rows(conn, chunk)
+            media = load_media_rows(conn, chunk, g)
             prompts: dict[int, PromptRow] = {}
-            for r in conn.execute(select(Prompt).where(Prompt.media_id.in_(chunk)).order_by(Prompt.id)).mappings():
-                prompts[r["media_id"]] = PromptRow.model_validate(
-                    {k: r.get(k) for k in PromptRow.model_fields})
+            p = g.t("prompts")
+            if p is not None:
+                fields = [f for f in ("prompt", "negative_prompt", "model", "sampler", "seed", "size", "width",
+                                      "height") if p.has(f)]
+                order = p.c("id") if p.has("id") else p.c("media_id")
+                q = (select(p.c("media_id").label("media_id"), *[p.c(f).label(f) for f in fields])
+                     .where(p.c("media_id").in_(chunk)).order_by(order))
+                for r in conn.execute(q).mappings():
+                    row = dict(r)
+                    size = row.get("size")
+                    if size is None and row.get("width") and row.get("height"):
+                        size = f"{row['width']}x{row['height']}"
+                    prompts[r["media_id"]] = PromptRow(
+                        prompt=row.get("prompt"), negative_prompt=row.get("negative_prompt"),
+                        model=row.get("model"), sampler=row.get("sampler"), seed=_seed(row.get("seed")),
+                        size=None if size is None else str(size))
             tags: dict[int, list[TagRow]] = {}
-            q = (select(MediaTag.media_id, Tag.name, MediaTag.locked, MediaTag.confidence, MediaTag.weight,
-                        MediaTag.source).join(Tag, Tag.id == MediaTag.tag_id)
-                 .where(MediaTag.media_id.in_(chunk)).order_by(MediaTag.media_id, Tag.name))
-            for r in conn.execute(q).mappings():
-                tags.setdefault(r["media_id"], []).append(TagRow(
-                    name=r["name"], locked=bool(r["locked"]), confidence=r["confidence"], weight=r["weight"],
-                    source=r["source"]))
+            t, mt = g.t("tags"), g.t("media_tags")
+            if t is not None and mt is not None:
+                extra = [c for c in ("locked", "confidence", "weight") if mt.has(c)]
+                cols = [mt.c("media_id").label("media_id"), t.c("name").label("name"),
+                        *[mt.c(c).label(c) for c in extra]]
+                if t.has("locked"):
+                    cols.append(t.c("locked").label("tag_locked"))
+                if g.tag_origin:
+                    cols.append(mt.table.c[g.tag_origin].label("source"))
+                else:
+                    owned = OllamaTagLink.__table__
+                    cols.append(exists().where(owned.c.media_id == mt.c("media_id"),
+                                               owned.c.tag_id == mt.c("tag_id")).label("owned"))
+                q = (select(*cols).join(t.table, t.c("id") == mt.c("tag_id"))
+                     .where(mt.c("media_id").in_(chunk)).order_by(mt.c("media_id"), t.c("name")))
+                for r in conn.execute(q).mappings():
+                    source = r.get("source") if g.tag_origin else ("ollama" if r.get("owned") else None)
+                    tags.setdefault(r["media_id"], []).append(TagRow(
+                        name=r["name"], locked=bool(r.get("locked")) or bool(r.get("tag_locked")),
+                        confidence=r.get("confidence"), weight=r.get("weight"), source=source))
             scans: dict[int, list[ScanRow]] = {}
-            q2 = select(ScanResult).where(ScanResult.media_id.in_(chunk)).order_by(ScanResult.id)
-            for r in conn.execute(q2).mappings():
-                flags = loads_or_none(r["flags"])
-                scans.setdefault(r["media_id"], []).append(ScanRow(
-                    scanner=r["scanner"], nsfw_score=r["nsfw_score"],
-                    flags=[str(f) for f in flags] if isinstance(flags, list) else []))
+            s = g.t("scan_results")
+            if s is not None:
+                fields = [f for f in ("scanner", "nsfw_score", "flags") if s.has(f)]
+                order = s.c("id") if s.has("id") else s.c("media_id")
+                q2 = (select(s.c("media_id").label("media_id"), *[s.c(f).label(f) for f in fields])
+                      .where(s.c("media_id").in_(chunk)).order_by(order))
+                for r in conn.execute(q2).mappings():
+                    flags = loads_or_none(r.get("flags"))
+                    if isinstance(flags, dict):
+                        flags = [k for k, v in flags.items() if v]
+                    scans.setdefault(r["media_id"], []).append(ScanRow(
+                        scanner=r.get("scanner"), nsfw_score=r.get("nsfw_score"),
+                        flags=[str(f) for f in flags] if isinstance(flags, list) else []))
             meta: dict[int, dict[str, Any]] = {}
-            q3 = select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value).where(MediaMeta.media_id.in_(chunk))
-            for r in conn.execute(q3).mappings():
-                meta.setdefault(r["media_id"], {})[r["key"]] = loads_or_none(r["value"])
+            current = meta_values(conn, g, chunk)
+            own = _pipeline_values(conn, chunk) if g.value_format != "json" or g.text_keys else {}
+            for mid in chunk:
+                values: dict[str, Any] = {}
+                for key, text in current.get(mid, {}).items():
+                    values[key] = loads_or_none(text) if g.value_format == "json" and key not in g.text_keys \
+                        else decode_text(text)
+                for key, row in own.get(mid, {}).items():
+                    if row.value is None:
+                        continue
+                    gallery_text = current.get(mid, {}).get(key)
+                    if gallery_text is None or gallery_text == row.written:
+                        values[key] = loads_or_none(row.value)  # the full value behind the gallery's form
+                    elif key in _TEXT_VALUE_KEYS:
+                        values[key] = {"text": gallery_text}  # a person's edit, as the stage reads it
+                for key in _TEXT_VALUE_KEYS:
+                    if isinstance(values.get(key), str):
+                        values[key] = {"text": values[key]}
+                meta[mid] = values
             for mid, row in media.items():
                 result[mid] = StageInputs(media=row, prompt=prompts.get(mid), tags=tags.get(mid, []),
                                           scans=scans.get(mid, []), meta=meta.get(mid, {}))
     return result
+
+
+_TEXT_VALUE_KEYS = ("ollama.caption", "ollama.description", "ollama.title")
 
 
 def load_inputs(engine: Engine, media_id: int) -> StageInputs:
@@ -169,27 +350,53 @@ def load_inputs(engine: Engine, media_id: int) -> StageInputs:
 def tag_vocabulary(engine: Engine, *, exclude_source: str | None = None) -> list[str]:
     """Tag names of the library; with exclude_source, only tags linked at least once by another source
     (e.g. the tags people and imports use, not the ones only ollama wrote)."""
+    g = gallery_for(engine)
+    t, mt = g.t("tags"), g.t("media_tags")
+    if t is None:
+        return []
     with read_connection(engine) as conn:
-        if exclude_source is None:
-            return [r[0] for r in conn.execute(select(Tag.name).order_by(Tag.name))]
-        q = (select(Tag.name).join(MediaTag, MediaTag.tag_id == Tag.id)
-             .where(or_(MediaTag.source.is_(None), MediaTag.source != exclude_source, MediaTag.locked.is_(True)))
-             .distinct().order_by(Tag.name))
-        return [r[0] for r in conn.execute(q)]
+        if exclude_source is None or mt is None:
+            return sorted({r[0] for r in conn.execute(select(t.c("name")))})
+        if g.tag_origin:
+            origin = mt.table.c[g.tag_origin]
+            not_ours = or_(origin.is_(None), origin != exclude_source)
+        else:
+            owned = OllamaTagLink.__table__
+            not_ours = ~exists().where(owned.c.media_id == mt.c("media_id"), owned.c.tag_id == mt.c("tag_id"))
+        if mt.has("locked"):
+            not_ours = or_(not_ours, _is_set(mt.c("locked")))
+        q = (select(t.c("name")).join(mt.table, t.c("id") == mt.c("tag_id")).where(not_ours).distinct())
+        return sorted({r[0] for r in conn.execute(q)})
 
 
 def duplicate_universe(engine: Engine) -> list[dict[str, Any]]:
     """Every media item with what cheap duplicate search needs: path, dHash, generation seed and prompt."""
+    g = gallery_for(engine)
+    m, p = g["media"], g.t("prompts")
     with read_connection(engine) as conn:
-        first_prompt = (select(Prompt.media_id, func.min(Prompt.id).label("pid")).group_by(Prompt.media_id)
-                        .subquery())
-        q = (select(Media.id, Media.path, OllamaMediaIndex.dhash, Prompt.seed, Prompt.prompt)
-             .outerjoin(OllamaMediaIndex, OllamaMediaIndex.media_id == Media.id)
-             .outerjoin(first_prompt, first_prompt.c.media_id == Media.id)
-             .outerjoin(Prompt, Prompt.id == first_prompt.c.pid)
-             .order_by(Media.id))
-        return [{"media_id": r[0], "path": r[1], "dhash": r[2], "seed": r[3], "prompt": r[4]}
-                for r in conn.execute(q)]
+        if p is None or not p.has("id"):
+            q = (select(m.c("id"), m.c("path"), OllamaMediaIndex.dhash)
+                 .outerjoin(OllamaMediaIndex, OllamaMediaIndex.media_id == m.c("id")).order_by(m.c("id")))
+            return [{"media_id": r[0], "path": r[1], "dhash": r[2], "seed": None, "prompt": None}
+                    for r in conn.execute(q)]
+        first_prompt = (select(p.c("media_id").label("media_id"), func.min(p.c("id")).label("pid"))
+                        .group_by(p.c("media_id")).subquery())
+        seed = p.c("seed") if p.has("seed") else None
+        prompt = p.c("prompt") if p.has("prompt") else None
+        cols = [m.c("id"), m.c("path"), OllamaMediaIndex.dhash]
+        cols += [c for c in (seed, prompt) if c is not None]
+        q = (select(*cols)
+             .outerjoin(OllamaMediaIndex, OllamaMediaIndex.media_id == m.c("id"))
+             .outerjoin(first_prompt, first_prompt.c.media_id == m.c("id"))
+             .outerjoin(p.table, p.c("id") == first_prompt.c.pid)
+             .order_by(m.c("id")))
+        out = []
+        for r in conn.execute(q):
+            rest = list(r[3:])
+            s = rest.pop(0) if seed is not None else None
+            pr = rest.pop(0) if prompt is not None else None
+            out.append({"media_id": r[0], "path": r[1], "dhash": r[2], "seed": _seed(s), "prompt": pr})
+        return out
 
 
 def stage_states(engine: Engine, stage: str, media_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -227,8 +434,10 @@ def upsert_media_index(engine: Engine, rows: list[dict[str, Any]], retries: int 
 # ---- the one write path (§2, §3 persist_ollama_result) -------------------------------------------
 
 
-def _lock_media(conn: Connection, media_id: int) -> dict[str, Any]:
-    q = select(Media.id, Media.quality_status, Media.quality_score).where(Media.id == media_id)
+def _lock_media(conn: Connection, g: Gallery, media_id: int) -> dict[str, Any]:
+    m = g["media"]
+    cols = [m.c("id").label("id")] + [m.c(f).label(f) for f in ("quality_status", "quality_score") if m.has(f)]
+    q = select(*cols).where(m.c("id") == media_id)
     if conn.dialect.name == "postgresql":
         q = q.with_for_update()
     row = conn.execute(q).mappings().first()
@@ -237,18 +446,33 @@ def _lock_media(conn: Connection, media_id: int) -> dict[str, Any]:
     return dict(row)
 
 
-def _meta_values(conn: Connection, media_id: int, keys: list[str]) -> dict[str, str | None]:
-    q = select(MediaMeta.key, MediaMeta.value).where(MediaMeta.media_id == media_id, MediaMeta.key.in_(keys))
-    return {r[0]: r[1] for r in conn.execute(q)}
+def _write_gallery_meta(conn: Connection, g: Gallery, media_id: int, key: str, text: str,
+                        current: dict[str, str | None], sources: dict[str, str | None], now: datetime) -> None:
+    t = g["media_meta"]
+    values = {"media_id": media_id, "key": key, "value": text, "source": ACTOR_SOURCE}
+    if g.meta_layout == "append_log":
+        conn.execute(insert(t.table).values(**_row(t, values, now)))
+        return
+    row = _row(t, values, now)
+    if key in current:
+        conn.execute(update(t.table).where(t.c("media_id") == media_id, t.c("key") == key)
+                     .values(**{k: v for k, v in row.items() if k not in (t.c("media_id").name, t.c("key").name)}))
+    else:
+        conn.execute(insert(t.table).values(**row))
 
 
-def _write_meta(conn: Connection, media_id: int, key: str, text: str, old: dict[str, str | None],
-                now: datetime) -> bool:
-    if old.get(key) == text:
+ACTOR_SOURCE = "ollama"
+
+
+def _is_human_edit(g: Gallery, key: str, current: dict[str, str | None], sources: dict[str, str | None],
+                   own: dict[str, OllamaValueRow], new_text: str) -> bool:
+    """A person changed this key after the pipeline wrote it (or wrote it first): keep their value."""
+    if key not in current or current[key] == new_text:
         return False
-    _upsert(conn, MediaMeta.__table__, {"media_id": media_id, "key": key, "value": text, "updated_at": now},
-            ["media_id", "key"], ["value", "updated_at"])
-    return True
+    if g["media_meta"].has("source"):
+        return sources.get(key) not in (ACTOR_SOURCE, ACTOR)
+    record = own.get(key)
+    return record is not None and record.written is not None and current[key] != record.written
 
 
 def _merge_map(old_text: str | None, stage: str, value: Any) -> str:
@@ -258,114 +482,234 @@ def _merge_map(old_text: str | None, stage: str, value: Any) -> str:
     return canonical_json(merged)
 
 
-def _tag_ids(conn: Connection, names: list[str], now: datetime) -> dict[str, int]:
+def _tag_ids(conn: Connection, g: Gallery, names: list[str], now: datetime) -> dict[str, tuple[int, bool]]:
+    """Tag ids (and their locked flag) for names, creating the tags that do not exist yet."""
+    t = g["tags"]
     if not names:
         return {}
-    found = {r[0]: r[1] for r in conn.execute(select(Tag.name, Tag.id).where(Tag.name.in_(names)))}
+    typed = g.tag_unique == ("name", "type")
+    conds = [t.c("name").in_(names)]
+    if typed:
+        conds.append(t.c("type") == TAG_TYPE)
+    locked = t.c("locked") if t.has("locked") else None
+    cols = [t.c("name"), t.c("id")] + ([locked] if locked is not None else [])
+    found = {r[0]: (int(r[1]), bool(r[2]) if locked is not None else False)
+             for r in conn.execute(select(*cols).where(*conds))}
     for name in names:
-        if name not in found:
-            dialect = conn.dialect.name
-            ins = (pg_insert(Tag) if dialect == "postgresql" else sqlite_insert(Tag)).values(name=name, created_at=now)
-            conn.execute(ins.on_conflict_do_nothing(index_elements=["name"]))
-            found[name] = conn.execute(select(Tag.id).where(Tag.name == name)).scalar_one()
+        if name in found:
+            continue
+        values = {"name": name, **({"type": TAG_TYPE} if typed or t.has("type") else {})}
+        row = {t.c(k).name: v for k, v in values.items()}
+        if t.may_write("created_at"):
+            row[t.c("created_at").name] = _ts(t.c("created_at"), now)
+        dialect = conn.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            ins = (pg_insert(t.table) if dialect == "postgresql" else sqlite_insert(t.table)).values(**row)
+            elements = [t.c("name").name] + ([t.c("type").name] if typed else [])
+            conn.execute(ins.on_conflict_do_nothing(index_elements=elements))
+        else:
+            conn.execute(insert(t.table).values(**row))
+        q = select(t.c("id")).where(t.c("name") == name, *([t.c("type") == TAG_TYPE] if typed else []))
+        found[name] = (int(conn.execute(q).scalar_one()), False)
     return found
 
 
-def _apply_tags(conn: Connection, media_id: int, suggestions: list[TagSuggestion], now: datetime) -> dict[str, int]:
-    """Write ollama tags: locked and human links are never touched; stale ollama links are removed."""
-    existing = {r["name"]: dict(r) for r in conn.execute(
-        select(Tag.name, MediaTag.tag_id, MediaTag.locked, MediaTag.source, MediaTag.confidence, MediaTag.weight)
-        .join(Tag, Tag.id == MediaTag.tag_id).where(MediaTag.media_id == media_id)).mappings()}
+TAG_TYPE = "content"  # LocalSupervisor's default tag type; the pipeline's tags describe content
+
+
+def _apply_tags(conn: Connection, g: Gallery, media_id: int, suggestions: list[TagSuggestion],
+                now: datetime) -> dict[str, int]:
+    """Write ollama tags: locked links, links of locked tags and links of people are never touched; stale
+    links the pipeline made are removed."""
+    t, mt = g["tags"], g["media_tags"]
+    owned_t = OllamaTagLink.__table__
+    cols = [t.c("name").label("name"), mt.c("tag_id").label("tag_id")]
+    for c in ("locked", "confidence", "weight"):
+        if mt.has(c):
+            cols.append(mt.c(c).label(c))
+    if t.has("locked"):
+        cols.append(t.c("locked").label("tag_locked"))
+    if g.tag_origin:
+        cols.append(mt.table.c[g.tag_origin].label("source"))
+    else:
+        cols.append(exists().where(owned_t.c.media_id == mt.c("media_id"),
+                                   owned_t.c.tag_id == mt.c("tag_id")).label("owned"))
+    q = select(*cols).join(t.table, t.c("id") == mt.c("tag_id")).where(mt.c("media_id") == media_id)
+    if g.tag_unique == ("name", "type"):
+        q = q.order_by((t.c("type") == TAG_TYPE).desc())  # our own type first when names repeat
+    existing: dict[str, dict[str, Any]] = {}
+    for r in conn.execute(q).mappings():
+        existing.setdefault(r["name"], dict(r))
+
+    def ours(link: dict[str, Any]) -> bool:
+        return (link.get("source") == ACTOR_SOURCE) if g.tag_origin else bool(link.get("owned"))
+
+    def locked(link: dict[str, Any]) -> bool:
+        return bool(link.get("locked")) or bool(link.get("tag_locked"))
+
     wanted = {s.name: s for s in suggestions}
-    ids = _tag_ids(conn, sorted(n for n in wanted if n not in existing), now)
+    ids = _tag_ids(conn, g, sorted(n for n in wanted if n not in existing), now)
     counts = {"added": 0, "updated": 0, "removed": 0, "kept_locked_or_human": 0}
     for name, s in sorted(wanted.items()):
         link = existing.get(name)
         if link is None:
-            conn.execute(insert(MediaTag).values(media_id=media_id, tag_id=ids[name], locked=False,
-                                                 confidence=s.confidence, weight=s.weight, source="ollama",
-                                                 created_at=now))
+            tag_id, tag_locked = ids[name]
+            if tag_locked:
+                counts["kept_locked_or_human"] += 1
+                continue
+            values: dict[str, Any] = {"media_id": media_id, "tag_id": tag_id, "confidence": s.confidence,
+                                      "weight": s.weight}
+            row = _row(mt, values, now)
+            if g.tag_origin:
+                row[g.tag_origin] = ACTOR_SOURCE
+            if mt.has("locked"):
+                row[mt.c("locked").name] = False if isinstance(mt.c("locked").type, Boolean) else 0
+            conn.execute(insert(mt.table).values(**row))
+            if not g.tag_origin:
+                conn.execute(insert(owned_t).values(media_id=media_id, tag_id=tag_id, created_at=now))
             counts["added"] += 1
-        elif link["locked"] or link["source"] != "ollama":
+        elif locked(link) or not ours(link):
             counts["kept_locked_or_human"] += 1
-        elif (link["confidence"], link["weight"]) != (s.confidence, s.weight):
-            conn.execute(update(MediaTag).where(MediaTag.media_id == media_id, MediaTag.tag_id == link["tag_id"])
-                         .values(confidence=s.confidence, weight=s.weight))
-            counts["updated"] += 1
+        else:
+            new = {k: v for k, v in (("confidence", s.confidence), ("weight", s.weight)) if mt.may_write(k)}
+            if any(link.get(k) != v for k, v in new.items()):
+                conn.execute(update(mt.table).where(mt.c("media_id") == media_id, mt.c("tag_id") == link["tag_id"])
+                             .values(**{mt.c(k).name: v for k, v in new.items()}))
+                counts["updated"] += 1
     for name, link in existing.items():
-        if name not in wanted and link["source"] == "ollama" and not link["locked"]:
-            conn.execute(delete(MediaTag).where(MediaTag.media_id == media_id, MediaTag.tag_id == link["tag_id"]))
+        if name not in wanted and ours(link) and not locked(link):
+            conn.execute(delete(mt.table).where(mt.c("media_id") == media_id, mt.c("tag_id") == link["tag_id"]))
+            if not g.tag_origin:
+                conn.execute(delete(owned_t).where(owned_t.c.media_id == media_id,
+                                                   owned_t.c.tag_id == link["tag_id"]))
             counts["removed"] += 1
     return counts
 
 
-def _record_change(conn: Connection, media_id: int, event_type: str, old: Any, new: Any, result: StageResult,
-                   now: datetime) -> None:
-    details = canonical_json({"model": result.model, "version": result.version, "stage": result.stage,
-                              "job_id": result.job_id, "run_id": result.run_id})
+def _record_change(conn: Connection, g: Gallery, media_id: int, kind: str, old: Any, new: Any,
+                   result: StageResult, now: datetime, *, quality: dict[str, Any] | None = None) -> None:
+    """A lifecycle event and an audit row, in the gallery's own columns (both tables are optional)."""
+    details = {"model": result.model, "version": result.version, "stage": result.stage,
+               "job_id": result.job_id, "run_id": result.run_id}
     old_text, new_text = canonical_json(old), canonical_json(new)
-    conn.execute(insert(MediaLifecycleEvent).values(
-        media_id=media_id, event_type=event_type, old_value=old_text, new_value=new_text, source=ACTOR,
-        details=details, created_at=now))
-    conn.execute(insert(AuditLog).values(
-        actor=ACTOR, action=event_type, entity_type="media", entity_id=str(media_id), old_value=old_text,
-        new_value=new_text, details=details, job_id=result.job_id, created_at=now))
+    ev = g.t("media_lifecycle_events")
+    if ev is not None:
+        event_type = kind
+        if g.profile == "localsupervisor":
+            event_type = "quality_eval"  # its event types: status_change, delete_request, quality_eval
+        values: dict[str, Any] = {
+            "media_id": media_id, "event_type": event_type, "old_value": old_text, "new_value": new_text,
+            "source": ACTOR, "details": canonical_json(details), "actor": ACTOR, "rule": result.stage,
+            "reason": kind}
+        if quality is not None:
+            values.update(from_status=quality.get("from"), to_status=quality.get("to"),
+                          quality_status=quality.get("to"), quality_score=quality.get("score"))
+        conn.execute(insert(ev.table).values(**_row(ev, values, now)))
+    au = g.t("audit_log")
+    if au is not None:
+        entity_id: Any = media_id if _python_type(au.cols.get("entity_id")) is int else str(media_id)
+        values = {"action": f"ollama.{kind}" if g.profile == "localsupervisor" else kind, "actor": ACTOR,
+                  "entity_type": "media", "entity_id": entity_id, "old_value": old_text, "new_value": new_text,
+                  "details": canonical_json(details),
+                  "details_json": canonical_json({**details, "old": old, "new": new}), "actor_key": ACTOR,
+                  "job_id": result.job_id}
+        conn.execute(insert(au.table).values(**_row(au, values, now)))
 
 
 def persist_result(engine: Engine, media_id: int, result: StageResult, *, write_tags: bool = True,
-                   write_quality_status: bool = True, lock_retries: int = 5) -> dict[str, Any]:
-    """Write one stage result in one transaction; returns what changed (for metadata and logs)."""
+                   write_quality_status: bool = True, lock_retries: int = 5, force: bool = False) -> dict[str, Any]:
+    """Write one stage result in one transaction; returns what changed (for metadata and logs).
+
+    A key a person changed after the pipeline wrote it is left alone and named in `human_edited`, unless
+    `force` (then it is overwritten; in an append-only log the person's row stays in the history)."""
+    g = require_gallery(engine)
     now = _naive(result.ran_at)
     out = result.output
     policy_key = "ollama.policy_flags"
+    encoded = encode_values(g.value_format, g.text_keys, out.meta)
+    ls = g.value_format == "localsupervisor"
+    provenance_keys = list(LOCALSUPERVISOR_PROVENANCE) if ls else ["ollama.model", "ollama.version",
+                                                                     "ollama.last_run_at"]
+    gallery_keys = [k for _, k, _ in encoded] + provenance_keys
+    own_keys = sorted(set(gallery_keys) | set(out.meta) | {policy_key})
 
     def work(conn: Connection) -> dict[str, Any]:
-        media = _lock_media(conn, media_id)
-        keys = list(out.meta) + ["ollama.model", "ollama.version", "ollama.last_run_at", policy_key]
-        old = _meta_values(conn, media_id, keys)
+        media = _lock_media(conn, g, media_id)
+        latest = list(conn.execute(_meta_latest(g, [media_id], gallery_keys)).mappings())
+        current = {r["key"]: r["value"] for r in latest}
+        sources = {r["key"]: r.get("source") for r in latest}
+        v = OllamaValue.__table__
+        own = {r[0]: OllamaValueRow(r[1], r[2]) for r in conn.execute(
+            select(v.c.key, v.c.value, v.c.written).where(v.c.media_id == media_id, v.c.key.in_(own_keys)))}
         changed: list[str] = []
+        human: list[str] = []
         if out.policy is not None:
-            before = loads_or_none(old.get(policy_key))
+            before = loads_or_none(own[policy_key].value) if policy_key in own and own[policy_key].value else \
+                loads_or_none(current.get(policy_key))
             old_outcome = before.get("outcome") if isinstance(before, dict) else None
             if old_outcome != out.policy.outcome:
-                _record_change(conn, media_id, "policy_changed", old_outcome, out.policy.outcome, result, now)
-        for key, value in sorted(out.meta.items()):
-            if _write_meta(conn, media_id, key, canonical_json(value), old, now):
+                _record_change(conn, g, media_id, "policy_changed", old_outcome, out.policy.outcome, result, now)
+        writes: list[tuple[str | None, str, str]] = [(src, key, text) for src, key, text in encoded]
+        if ls:
+            writes += [
+                (None, "ollama.model", _merge_map(own.get("ollama.model", OllamaValueRow(None, None)).written
+                                                  or current.get("ollama.model"), result.stage, result.model)),
+                (None, "ollama.version", _merge_map(own.get("ollama.version", OllamaValueRow(None, None)).written
+                                                    or current.get("ollama.version"), result.stage, result.version)),
+                (None, "ollama.last_run_at", iso(result.ran_at)),
+                (None, "ollama.stage_version", STAGE_VERSION),
+            ]
+        else:
+            writes += [(None, key, _merge_map(current.get(key), result.stage, value)) for key, value in (
+                ("ollama.model", result.model), ("ollama.version", result.version),
+                ("ollama.last_run_at", iso(result.ran_at)))]
+        for src, key, text in writes:
+            full = canonical_json(out.meta[src]) if src is not None and key == src else None
+            if _is_human_edit(g, key, current, sources, own, text) and not force:
+                human.append(key)
+            elif current.get(key) != text:
+                _write_gallery_meta(conn, g, media_id, key, text, current, sources, now)
                 changed.append(key)
-        provenance = {
-            "ollama.model": _merge_map(old.get("ollama.model"), result.stage, result.model),
-            "ollama.version": _merge_map(old.get("ollama.version"), result.stage, result.version),
-            "ollama.last_run_at": _merge_map(old.get("ollama.last_run_at"), result.stage, iso(result.ran_at)),
-        }
-        for key, text in provenance.items():
-            if _write_meta(conn, media_id, key, text, old, now):
-                changed.append(key)
+            record = own.get(key)
+            if record is None or record.written != text or (full is not None and record.value != full):
+                _upsert(conn, v, {"media_id": media_id, "key": key, "value": full if full is not None else (
+                    text if src is None else None), "written": text, "updated_at": now},
+                    ["media_id", "key"], ["value", "written", "updated_at"])
+        for src in out.meta:
+            if src not in {k for _, k, _ in writes}:  # a value without a gallery key of its own name
+                full = canonical_json(out.meta[src])
+                if own.get(src, OllamaValueRow(None, None)).value != full:
+                    _upsert(conn, v, {"media_id": media_id, "key": src, "value": full, "written": None,
+                                      "updated_at": now}, ["media_id", "key"], ["value", "updated_at"])
         tags = None
-        if out.tags is not None and write_tags:
-            tags = _apply_tags(conn, media_id, out.tags, now)
+        if out.tags is not None and write_tags and g.t("tags") is not None and g.t("media_tags") is not None:
+            tags = _apply_tags(conn, g, media_id, out.tags, now)
         quality_changed = False
-        if out.quality is not None and write_quality_status:
-            old_q = {"status": media["quality_status"], "score": media["quality_score"]}
-            new_q = {"status": out.quality.status, "score": out.quality.score}
+        m = g["media"]
+        if out.quality is not None and write_quality_status and m.may_write("quality_status"):
+            status = g.quality_map.get(out.quality.status, out.quality.status)
+            old_q = {"status": media.get("quality_status"), "score": media.get("quality_score")}
+            new_q = {"status": status, "score": out.quality.score if m.has("quality_score") else None}
             if old_q != new_q:
-                conn.execute(update(Media).where(Media.id == media_id).values(
-                    quality_status=out.quality.status, quality_score=out.quality.score, updated_at=now))
-                _record_change(conn, media_id, "quality_changed", old_q, new_q, result, now)
+                conn.execute(update(m.table).where(m.c("id") == media_id).values(**_row(m, {
+                    "quality_status": status, "quality_score": out.quality.score}, now)))
+                _record_change(conn, g, media_id, "quality_changed", old_q, new_q, result, now,
+                               quality={"from": old_q["status"], "to": status, "score": out.quality.score})
                 quality_changed = True
-        m = result.metrics
+        metrics = result.metrics
         _upsert(conn, OllamaStageResult.__table__, {
             "media_id": media_id, "stage": result.stage, "status": "ok", "fingerprint": result.fingerprint,
             "model": result.model, "model_digest": result.model_digest, "version": result.version,
             "error_channel": None, "error_code": None, "error_message": None, "retryable": None,
-            "prompt_eval_count": m.prompt_eval_count, "eval_count": m.eval_count,
-            "total_duration_ms": m.total_duration_ms, "load_duration_ms": m.load_duration_ms,
-            "duration_ms": m.wall_ms, "job_id": result.job_id, "run_id": result.run_id,
+            "prompt_eval_count": metrics.prompt_eval_count, "eval_count": metrics.eval_count,
+            "total_duration_ms": metrics.total_duration_ms, "load_duration_ms": metrics.load_duration_ms,
+            "duration_ms": metrics.wall_ms, "job_id": result.job_id, "run_id": result.run_id,
             "last_success_at": now, "updated_at": now,
         }, ["media_id", "stage"], [
             "status", "fingerprint", "model", "model_digest", "version", "error_channel", "error_code",
             "error_message", "retryable", "prompt_eval_count", "eval_count", "total_duration_ms",
             "load_duration_ms", "duration_ms", "job_id", "run_id", "last_success_at", "updated_at"])
-        return {"changed_keys": changed, "tags": tags, "quality_changed": quality_changed}
+        return {"changed_keys": changed, "tags": tags, "quality_changed": quality_changed, "human_edited": human}
 
     return with_retry(engine, work, retries=lock_retries, what=f"persist {result.stage} for media {media_id}")
 
@@ -375,9 +719,11 @@ def record_stage_failure(engine: Engine, media_id: int, stage: str, error: Ollam
                          lock_retries: int = 5) -> None:
     """Remember that a stage failed for an item; media_meta and earlier results stay as they were."""
     now = _naive(datetime.now(UTC))
+    g = gallery_for(engine)
+    m = g["media"] if "media" in g.tables else None
 
     def work(conn: Connection) -> None:
-        if conn.execute(select(Media.id).where(Media.id == media_id)).first() is None:
+        if m is not None and conn.execute(select(m.c("id")).where(m.c("id") == media_id)).first() is None:
             return
         existing = conn.execute(select(OllamaStageResult.media_id).where(
             OllamaStageResult.media_id == media_id, OllamaStageResult.stage == stage)).first()
