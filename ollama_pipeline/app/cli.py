@@ -43,13 +43,47 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_init_db(args: argparse.Namespace) -> int:
-    from ollama_pipeline.core.db.engine import init_db, make_engine
+    from ollama_pipeline.core.db.engine import engine_for_settings, init_db
+    from ollama_pipeline.core.db.gallery import gallery_for, require_gallery
+    from ollama_pipeline.core.db.optional import add_optional_columns_sql
 
     settings = settings_from_args(args)
-    engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    engine = engine_for_settings(settings)
+    if args.add_optional_columns or args.drop_optional_columns:
+        statements = add_optional_columns_sql(engine, gallery_for(engine), drop=args.drop_optional_columns)
+        if args.sql or not statements:
+            print("\n".join(statements) if statements else "-- no optional column is missing")
+            return 0
     created = init_db(engine)
-    print(f"database ready: created {len(created)} table(s){': ' + ', '.join(created) if created else ''}")
+    if args.add_optional_columns or args.drop_optional_columns:
+        from ollama_pipeline.core.db.optional import apply_statements
+
+        apply_statements(engine, statements)
+        print(f"{'dropped' if args.drop_optional_columns else 'added'} {len(statements)} optional column(s)")
+    gallery = require_gallery(engine)
+    print(f"database ready ({gallery.profile} profile): created {len(created)} table(s)"
+          f"{': ' + ', '.join(created) if created else ''}")
     return 0
+
+
+def _check_gallery(settings: Settings) -> None:
+    """Stop with the check-db report (exit code 2) when the gallery lacks a required table or column."""
+    from ollama_pipeline.core.db.engine import engine_for_settings
+    from ollama_pipeline.core.db.gallery import require_gallery
+
+    require_gallery(engine_for_settings(settings))
+
+
+def _cmd_check_db(args: argparse.Namespace) -> int:
+    import json
+
+    from ollama_pipeline.core.db.engine import engine_for_settings
+    from ollama_pipeline.core.db.gallery import gallery_for
+
+    settings = settings_from_args(args)
+    report = gallery_for(engine_for_settings(settings), refresh=True).report
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 2
 
 
 def _cmd_demo_library(args: argparse.Namespace) -> int:
@@ -106,6 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     stages = parse_stage_list(args.stages)
+    _check_gallery(settings)
     media_ids = selected_media_ids(settings, args.media)
     summary = run_stages_through_dagster(settings, stages, media_ids=media_ids,
                                          force=args.force, config_path=args.config)
@@ -136,8 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="configuration file (default: $OLLAMA_PIPELINE_CONFIG or ./ollama_pipeline.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-db", help="create the library tables that do not exist yet")
+    p = sub.add_parser("init-db", help="create the pipeline's tables that do not exist yet and check the gallery's")
+    p.add_argument("--add-optional-columns", action="store_true",
+                   help="also add the optional gallery columns the pipeline would use (see check-db)")
+    p.add_argument("--drop-optional-columns", action="store_true",
+                   help="undo --add-optional-columns (drops only the columns it adds)")
+    p.add_argument("--sql", action="store_true", help="with --add/--drop-optional-columns: print the SQL only")
     p.set_defaults(handler=_cmd_init_db)
+
+    p = sub.add_parser("check-db", help="report the gallery's tables and columns as the pipeline will use them")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(handler=_cmd_check_db)
 
     p = sub.add_parser("demo-library", help="write a realistic demo library (images, prompts, tags, scans)")
     p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)

@@ -27,7 +27,11 @@ from ollama_pipeline.core.selection import (
 
 
 def _pipeline(args: argparse.Namespace) -> Pipeline:
-    return Pipeline.from_settings(load_settings(getattr(args, "config", None)))
+    from ollama_pipeline.core.db.gallery import require_gallery
+
+    pipeline = Pipeline.from_settings(load_settings(getattr(args, "config", None)))
+    require_gallery(pipeline.engine)  # a gallery without a required column stops here, with the report
+    return pipeline
 
 
 def _payload(args: argparse.Namespace) -> dict[str, Any]:

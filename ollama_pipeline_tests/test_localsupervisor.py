@@ -1,0 +1,209 @@
+"""The LocalSupervisor profile: its own schema (plain SQL from its schema as facts), recognised by check-db,
+a full 8-stage run that writes only what the profile allows, in the forms its web UI reads, append-only
+media_meta with history, both tag locks, and human edits kept."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ollama_pipeline.app.cli import main as cli_main
+from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.db.engine import init_db
+from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.stages import STAGES
+from ollama_pipeline_tests.localsupervisor_schema import create_localsupervisor_db, snapshot
+
+# What LocalSupervisor's web UI reads from media_meta (newest row per key, `ORDER BY id DESC LIMIT 1`,
+# ignoring source), and in which form: WWW/media_view.php (the media page's Ollama panel) and
+# WWW/mediadb.php (the grid: ollama.title, ollama.caption) of github noliv3/LocalSupervisor.
+# key -> (form, the stage that writes it here)
+UI_KEYS: dict[str, tuple[str, str]] = {
+    "ollama.title": ("text", "ollama_title"),                    # media_view.php, mediadb.php
+    "ollama.caption": ("text", "ollama_caption"),                # media_view.php, mediadb.php
+    "ollama.tags_normalized": ("list_of_str", "ollama_tags_normalize"),  # media_view.php (chips)
+    "ollama.quality.score": ("int_0_100", "ollama_quality"),     # media_view.php ("Quality")
+    "ollama.quality.flags": ("list_of_str", "ollama_quality"),   # media_view.php
+    "ollama.prompt_eval.score": ("int_0_100", "ollama_score_multi"),  # media_view.php
+    "ollama.prompt_recon.prompt": ("text", "ollama_prompt_recon"),   # media_view.php, ollama.php
+    "ollama.prompt_recon.negative": ("text", "ollama_prompt_recon"),  # media_view.php
+    "ollama.stage_version": ("text", "*"),                       # media_view.php
+    "ollama.last_run_at": ("iso", "*"),                          # media_view.php ("Last Run")
+}
+# The seed's keys (INTERFACES_OLLAMA.md §2) in the form of the data contract (DATA_CONTRACTS_OLLAMA.md).
+SEED_KEYS: dict[str, tuple[str, str]] = {
+    "ollama.description": ("text", "ollama_caption"),
+    "ollama.tags_raw": ("list_of_str", "ollama_tags_normalize"),
+    "ollama.quality": ("json_object", "ollama_quality"),
+    "ollama.duplicate_assist": ("json_object", "ollama_duplicate_assist"),
+    "ollama.prompt_reconstruction": ("json_object", "ollama_prompt_recon"),
+    "ollama.scores": ("json_object", "ollama_score_multi"),
+    "ollama.policy_flags": ("policy_contract", "ollama_policy_flags"),
+    "ollama.model": ("json_object", "*"),
+    "ollama.version": ("json_object", "*"),
+}
+
+
+def _form_ok(form: str, text: str) -> bool:
+    if form == "text":
+        return bool(text.strip()) and not text.lstrip().startswith(("{", "["))
+    if form == "iso":
+        from datetime import datetime
+
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is not None
+    value = json.loads(text)
+    if form == "list_of_str":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if form == "int_0_100":
+        return isinstance(value, int) and 0 <= value <= 100
+    if form == "json_object":
+        return isinstance(value, dict)
+    if form == "policy_contract":
+        return set(value) == {"publishable", "needs_review", "blocked_reason"} and isinstance(value["publishable"], bool)
+    raise AssertionError(form)
+
+
+def _newest(db: Path, media_id: int) -> dict[str, tuple[str, str]]:
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT meta_key, meta_value, source FROM media_meta WHERE media_id = ? ORDER BY id",
+                       (media_id,)).fetchall()
+    con.close()
+    return {k: (v, s) for k, v, s in rows}
+
+
+@pytest.fixture
+def ls_library(tmp_path: Path, settings_factory: Callable[..., Settings]) -> tuple[Settings, Path, list[int]]:
+    db = tmp_path / "supervisor.sqlite"
+    settings = settings_factory(f"sqlite:///{db}")
+    ids = create_localsupervisor_db(db, settings.media_root, 6)
+    return settings, db, ids
+
+
+def _config_file(tmp_path: Path, settings: Settings) -> Path:
+    data = json.loads(settings.model_dump_json(by_alias=True))
+    path = tmp_path / "ollama_pipeline.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _run_all(pipeline: Pipeline, ids: list[int], **kw: Any) -> list[Any]:
+    outcomes = []
+    for job_type in STAGES:
+        outcomes += list(run_stage(pipeline, job_type, ids, **kw))
+    return outcomes
+
+
+def test_check_db_recognises_localsupervisor_and_names_what_it_reads_and_writes(
+        tmp_path: Path, ls_library: tuple[Settings, Path, list[int]], capsys: pytest.CaptureFixture[str]) -> None:
+    """check-db detects the profile from schema_migrations and reports meta_key/meta_value, the log layout."""
+    settings, db, _ = ls_library
+    config = _config_file(tmp_path, settings)
+    before = snapshot(db)
+    assert cli_main(["--config", str(config), "check-db", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["profile"] == "localsupervisor"
+    meta = report["tables"]["media_meta"]
+    assert "key=meta_key" in meta["reads"] and "value=meta_value" in meta["reads"]
+    assert meta["layout"].startswith("append_log")
+    assert report["tables"]["media"]["quality_status_vocabulary"] == {"ok": "ok", "needs_review": "review",
+                                                                       "rejected": "blocked"}
+    assert "ollama_tag_links" in report["tables"]["media_tags"]["origin"]
+    assert cli_main(["--config", str(config), "init-db"]) == 0
+    assert "localsupervisor profile" in capsys.readouterr().out
+    assert snapshot(db) == before  # init-db created only the pipeline's own tables
+
+
+def test_full_run_writes_what_its_ui_reads_appends_only_on_change_and_touches_only_allowed_rows(
+        ls_library: tuple[Settings, Path, list[int]]) -> None:
+    """8 stages on a LocalSupervisor database: UI forms, 0 new rows on re-run, only allowed changes."""
+    settings, db, ids = ls_library
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    before = snapshot(db)
+    outcomes = _run_all(pipeline, ids)
+    failed = [(o.stage, o.media_id, o.error) for o in outcomes if o.status == "failed"]
+    assert failed == []
+    after = snapshot(db)
+
+    for media_id in ids:
+        newest = _newest(db, media_id)
+        for key, (form, _stage) in {**UI_KEYS, **SEED_KEYS}.items():
+            if key == "ollama.prompt_eval.score" and key not in newest:
+                continue
+            assert key in newest, key
+            text, source = newest[key]
+            assert source == "ollama" and _form_ok(form, text), (key, text)
+        assert newest["hash.sha256"][1] == "scan"  # the importer's row is still the newest of its key
+
+    # Before/after: only the rows and columns the profile allows.
+    for table in ("prompts", "scan_results", "jobs", "schema_migrations"):
+        assert after[table] == before[table], table
+    cols, rows_before = before["media"]
+    _, rows_after = after["media"]
+    changed_cols = {cols[i] for b, a in zip(rows_before, rows_after, strict=True) for i in range(len(cols))
+                    if b[i] != a[i]}
+    assert changed_cols <= {"quality_status", "quality_score"}
+    assert {r[cols.index("quality_status")] for r in rows_after} <= {"unknown", "ok", "review", "blocked"}
+    meta_cols, meta_rows = after["media_meta"]
+    assert meta_rows[: len(before["media_meta"][1])] == before["media_meta"][1]  # append-only
+    new_meta = meta_rows[len(before["media_meta"][1]):]
+    assert {r[meta_cols.index("source")] for r in new_meta} == {"ollama"}
+    assert all("T" in r[meta_cols.index("created_at")] for r in new_meta)
+    assert after["tags"][1][: len(before["tags"][1])] == before["tags"][1]
+    kept_links = set(before["media_tags"][1]) - set(after["media_tags"][1])
+    assert kept_links <= set()  # the importer's links (and the locked one) are all still there
+    ev_cols, events = after["media_lifecycle_events"]
+    assert events and {e[ev_cols.index("event_type")] for e in events} == {"quality_eval"}
+    assert all(e[ev_cols.index("actor")] == "ollama_pipeline" for e in events)
+    au_cols, audits = after["audit_log"]
+    assert audits and all(json.loads(a[au_cols.index("details_json")])["stage"] for a in audits)
+
+    # Re-run: every stage skips, nothing is added anywhere.
+    again = _run_all(pipeline, ids)
+    assert {o.status for o in again} == {"skipped"}
+    assert snapshot(db) == after
+
+
+def test_tag_locks_and_link_ownership_and_human_edits_are_kept(ls_library: tuple[Settings, Path, list[int]]) -> None:
+    """Locked tags/links stay; only the pipeline's own stale links go; a person's title is kept unless forced."""
+    settings, db, ids = ls_library
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    _run_all(pipeline, ids)
+    con = sqlite3.connect(db)
+    own = set(con.execute("SELECT media_id, tag_id FROM ollama_tag_links").fetchall())
+    assert own, "the pipeline linked tags"
+    importer = {(m, t) for m, t in con.execute("SELECT media_id, tag_id FROM media_tags").fetchall()} - own
+    assert len(importer) == 2 * len(ids)
+    # A stale link of the pipeline goes on a re-run; a locked tag is never linked by the pipeline.
+    media_id = ids[1]
+    con.execute("UPDATE tags SET locked = 1 WHERE id IN (SELECT tag_id FROM ollama_tag_links WHERE media_id = ?)",
+                (media_id,))
+    con.execute("DELETE FROM ollama_stage_results WHERE stage = 'ollama_tags_normalize'")
+    con.commit()
+    outcomes = list(run_stage(pipeline, "ollama_tags_normalize", ids, force=True))
+    assert {o.status for o in outcomes} <= {"written", "unchanged"}
+    links_now = set(con.execute("SELECT media_id, tag_id FROM media_tags").fetchall())
+    assert importer <= links_now
+
+    # A person edits the title in LocalSupervisor (a newer row with another source).
+    con.execute("INSERT INTO media_meta (media_id, source, meta_key, meta_value, created_at) "
+                "VALUES (?, 'web', 'ollama.title', 'My own title', '2026-02-01T00:00:00+00:00')", (media_id,))
+    con.execute("DELETE FROM ollama_stage_results WHERE stage = 'ollama_title'")
+    con.commit()
+    (outcome,) = run_stage(pipeline, "ollama_title", [media_id])
+    assert outcome.human_edited == ["ollama.title"]
+    assert _newest(db, media_id)["ollama.title"] == ("My own title", "web")
+    (forced,) = run_stage(pipeline, "ollama_title", [media_id], force=True)
+    assert "ollama.title" in forced.changed_keys
+    assert _newest(db, media_id)["ollama.title"][1] == "ollama"
+    history = [r[0] for r in con.execute("SELECT meta_value FROM media_meta WHERE media_id = ? AND "
+                                         "meta_key = 'ollama.title' ORDER BY id", (media_id,))]
+    assert "My own title" in history and len(history) == 3  # every earlier value stays recoverable
+    con.close()
