@@ -51,9 +51,12 @@ def pg_database() -> Iterator[str]:
 
 
 def _reset_pg(url: str) -> None:
+    from ollama_pipeline.core.db import gallery
+
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
     engine.dispose()
+    gallery._cache.clear()  # the next test reflects its own tables
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

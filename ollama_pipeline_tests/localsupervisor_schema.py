@@ -120,7 +120,7 @@ def create_localsupervisor_db(db_path: Path, media_root: Path, count: int = 6) -
             "INSERT INTO media (path, type, source, width, height, filesize, hash, created_at, imported_at) "
             "VALUES (?, 'image', 'sd', ?, 48, ?, ?, ?, ?)",
             (str(path), 64 + 8 * i, len(data), hashlib.md5(data).hexdigest(), "2026-01-19T08:00:00+00:00",
-             "2026-01-20T10:00:0%d+00:00" % i))
+             f"2026-01-20T10:00:0{i}+00:00"))
         media_id = int(cur.lastrowid)
         ids.append(media_id)
         con.execute("INSERT INTO prompts (media_id, prompt, negative_prompt, model, sampler, cfg_scale, steps, seed, "

@@ -13,7 +13,6 @@ import yaml
 from sqlalchemy import Engine, select
 
 from ollama_pipeline.core.config import CONFIG_ENV, DEFAULT_CONFIG_FILE, load_settings
-from ollama_pipeline.core.db.models import Media, MediaMeta
 
 DEMO_DIR = Path("demo")
 BASE_URL_ENV = "OLLAMA_PIPELINE__OLLAMA__BASE_URL"
@@ -40,10 +39,13 @@ def verify_outputs(engine: Engine, stages: list[str]) -> tuple[int, int, list[st
     from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
 
     keys = [k for job_type in stages for k in STAGES[job_type].writes] + list(COMMON_KEYS)
+    from ollama_pipeline.core.db.gallery import gallery_for
+    from ollama_pipeline.core.db.repository import values_table
+
+    vt = values_table(engine)
     with engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(select(Media.id))]
-        rows = conn.execute(select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value)
-                            .where(MediaMeta.key.in_(keys))).all()
+        ids = [r[0] for r in conn.execute(select(gallery_for(engine)["media"].c("id")))]
+        rows = conn.execute(select(vt.c.media_id, vt.c.key, vt.c.value).where(vt.c.key.in_(keys))).all()
     values = {(m, k): v for m, k, v in rows}
     problems: list[str] = []
     valid = 0

@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, null, select
 
 from ollama_pipeline.core.config import Settings
-from ollama_pipeline.core.db.engine import get_engine, read_connection
-from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
-from ollama_pipeline.core.db.repository import MEDIA_STAGE
+from ollama_pipeline.core.db.engine import engine_for_settings, read_connection
+from ollama_pipeline.core.db.gallery import require_gallery
+from ollama_pipeline.core.db.models import OllamaStageResult
+from ollama_pipeline.core.db.repository import MEDIA_STAGE, values_table
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
 
 EXPORT_SCHEMA = "ollama_pipeline.core.export/v1"
@@ -35,19 +36,24 @@ def _ts(value: Any) -> str | None:
 def export_records(engine: Engine, media_ids: list[int] | None = None, chunk: int = 1000) -> Iterator[dict[str, Any]]:
     """Export objects in media-id order, read in chunks so memory stays flat for large libraries."""
     last_id = 0
+    g = require_gallery(engine)
+    m = g["media"]
+    fields = ("hash", "type", "width", "height", "quality_status", "quality_score")
+    vt = values_table(engine)
     with read_connection(engine) as conn:
         while True:
-            q = select(Media.id, Media.path, Media.hash, Media.type, Media.width, Media.height,
-                       Media.quality_status, Media.quality_score).where(Media.id > last_id).order_by(Media.id)
+            q = (select(m.c("id").label("id"), m.c("path").label("path"),
+                        *[(m.c(f) if m.has(f) else null()).label(f) for f in fields])
+                 .where(m.c("id") > last_id).order_by(m.c("id")))
             if media_ids is not None:
-                q = q.where(Media.id.in_(media_ids))
+                q = q.where(m.c("id").in_(media_ids))
             rows = conn.execute(q.limit(chunk)).mappings().all()
             if not rows:
                 return
             ids = [r["id"] for r in rows]
             meta: dict[int, dict[str, Any]] = {}
-            for r in conn.execute(select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value).where(
-                    MediaMeta.media_id.in_(ids), MediaMeta.key.like("ollama.%"))):
+            for r in conn.execute(select(vt.c.media_id, vt.c.key, vt.c.value).where(
+                    vt.c.media_id.in_(ids), vt.c.key.like("ollama.%"))):
                 meta.setdefault(r[0], {})[r[1]] = loads_or_none(r[2])
             stages: dict[int, dict[str, Any]] = {}
             for r in conn.execute(select(OllamaStageResult).where(  # stage 'media' is the list to fix, not a stage
@@ -75,7 +81,7 @@ def temp_beside(target: Path) -> Path:
 
 def write_export(settings: Settings, path: Path | None = None) -> tuple[Path, int]:
     """Write the feed atomically; returns (path, number of items)."""
-    engine = get_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    engine = engine_for_settings(settings)
     target = path or default_export_path(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(target)

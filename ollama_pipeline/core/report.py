@@ -26,8 +26,9 @@ from sqlalchemy import Engine, func, select
 
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.engine import read_connection
-from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
-from ollama_pipeline.core.db.repository import MEDIA_STAGE
+from ollama_pipeline.core.db.gallery import gallery_for
+from ollama_pipeline.core.db.models import OllamaStageResult
+from ollama_pipeline.core.db.repository import MEDIA_STAGE, values_table
 from ollama_pipeline.core.export import temp_beside
 
 REPORT_FORMAT = "ollama_pipeline.core.report/v1"
@@ -164,7 +165,8 @@ class _Collected:
 
 def _collect(engine: Engine) -> _Collected:
     collected = _Collected()
-    query = select(MediaMeta.key, MediaMeta.value).where(MediaMeta.key.in_(REPORT_KEYS))
+    vt = values_table(engine)
+    query = select(vt.c.key, vt.c.value).where(vt.c.key.in_(REPORT_KEYS))
     with read_connection(engine) as conn:
         for rows in conn.execution_options(yield_per=STREAM_ROWS).execute(query).tuples().partitions():
             for key, text in rows:
@@ -275,7 +277,7 @@ def build_report(engine: Engine, stage_names: Iterable[str] | None = None) -> Li
 
         stage_names = list(STAGES)
     with read_connection(engine) as conn:
-        items = int(conn.execute(select(func.count()).select_from(Media)).scalar_one())
+        items = int(conn.execute(select(func.count()).select_from(gallery_for(engine)["media"].table)).scalar_one())
     c = _collect(engine)
     scale = c.scales.most_common(1)[0][0] if c.scales else None
     return LibraryReport(

@@ -27,7 +27,8 @@ import pydantic
 from dagster import AssetCheckKey, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 from sqlalchemy import Engine, and_, func, select
 
-from ollama_pipeline.core.db.models import MediaMeta, OllamaStageResult
+from ollama_pipeline.core.db.models import OllamaStageResult
+from ollama_pipeline.core.db.repository import values_table
 from ollama_pipeline.core.stages.base import Stage
 from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
 
@@ -92,9 +93,10 @@ def load_answers(engine: Engine, stage: Stage) -> StoredAnswers:
         answers = StoredAnswers(ok_items=int(ok_items), values={key: [] for key in stage.writes})
         if not stage.writes or not ok_items:
             return answers
-        query = (select(MediaMeta.key, MediaMeta.media_id, MediaMeta.value)
-                 .join(OllamaStageResult, and_(OllamaStageResult.media_id == MediaMeta.media_id, ok))
-                 .where(MediaMeta.key.in_(stage.writes)).order_by(MediaMeta.media_id))
+        vt = values_table(engine)
+        query = (select(vt.c.key, vt.c.media_id, vt.c.value)
+                 .join(OllamaStageResult, and_(OllamaStageResult.media_id == vt.c.media_id, ok))
+                 .where(vt.c.key.in_(stage.writes)).order_by(vt.c.media_id))
         for key, media_id, value in conn.execute(query):
             answers.values[key].append((int(media_id), value))
     return answers

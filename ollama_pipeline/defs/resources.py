@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -64,6 +65,13 @@ class PipelineResource(ConfigurableResource):
 
     def _key(self) -> tuple[object, ...]:
         return ("registered", self.settings_id) if self.settings_id else _file_key(self.config_path)
+
+    def setup_for_execution(self, context: Any) -> None:
+        """At run start (never at code-location load, so a database outage does not break the location):
+        the gallery check; a missing required column fails the run with the check-db report."""
+        from ollama_pipeline.core.db.gallery import require_gallery
+
+        require_gallery(self.pipeline().engine)
 
     def settings(self) -> Settings:
         """The settings this resource points at."""

@@ -15,19 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, and_, exists, func, or_, select
+from sqlalchemy import Engine, and_, case, exists, func, null, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from ollama_pipeline.core.db.models import (
-    Media,
-    MediaMeta,
-    MediaTag,
-    OllamaJob,
-    OllamaStageResult,
-    Prompt,
-    ScanResult,
-    Tag,
-)
+from ollama_pipeline.core.db.gallery import Gallery, gallery_for
+from ollama_pipeline.core.db.models import OllamaJob, OllamaStageResult
+from ollama_pipeline.core.db.repository import values_table
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
 from ollama_pipeline.core.stages import STAGES
 
@@ -83,8 +76,8 @@ def _json_fragment(key: str, value: str) -> str:
     return f"%{_like_escape(canonical_json(key))}:{_like_escape(canonical_json(value))}%"
 
 
-def _meta_exists(key: str, condition: ColumnElement[bool]) -> ColumnElement[bool]:
-    return exists().where(MediaMeta.media_id == Media.id, MediaMeta.key == key, condition)
+def _meta_exists(g: Gallery, vt: Any, key: str, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    return exists().where(vt.c.media_id == g["media"].c("id"), vt.c.key == key, condition)
 
 
 def current_versions() -> dict[str, str]:
@@ -92,11 +85,11 @@ def current_versions() -> dict[str, str]:
     return {job_type: stage.version for job_type, stage in STAGES.items()}
 
 
-def _stage_condition(stage: str, status: str) -> ColumnElement[bool] | None:
+def _stage_condition(g: Gallery, stage: str, status: str) -> ColumnElement[bool] | None:
     if stage not in STAGES or status not in STAGE_STATUSES:
         return None
     version = STAGES[stage].version
-    same = and_(OllamaStageResult.media_id == Media.id, OllamaStageResult.stage == stage)
+    same = and_(OllamaStageResult.media_id == g["media"].c("id"), OllamaStageResult.stage == stage)
     if status == "never":
         return ~exists().where(same)
     if status == "failed":
@@ -107,33 +100,38 @@ def _stage_condition(stage: str, status: str) -> ColumnElement[bool] | None:
                           or_(OllamaStageResult.version.is_(None), OllamaStageResult.version != version))
 
 
-def filter_conditions(f: GalleryFilters) -> list[ColumnElement[bool]]:
+def filter_conditions(f: GalleryFilters, engine: Engine) -> list[ColumnElement[bool]]:
     """The WHERE conditions of a filter set (each one an indexed EXISTS or a column test on media)."""
+    g = gallery_for(engine)
+    vt = values_table(engine)
+    media_id = g["media"].c("id")
     conds: list[ColumnElement[bool]] = []
     if f.quality:
-        conds.append(or_(Media.quality_status == f.quality,
-                         _meta_exists("ollama.quality", MediaMeta.value.like(_json_fragment("verdict", f.quality),
-                                                                             escape="\\"))))
+        verdict = _meta_exists(g, vt, "ollama.quality", vt.c.value.like(_json_fragment("verdict", f.quality),
+                                                                        escape="\\"))
+        m = g["media"]
+        conds.append(or_(m.c("quality_status") == f.quality, verdict) if m.has("quality_status") else verdict)
     if f.policy:
-        conds.append(_meta_exists("ollama.policy_flags", or_(
-            MediaMeta.value.like(_json_fragment("outcome", f.policy), escape="\\"),
-            MediaMeta.value.like(_json_fragment("name", f.policy), escape="\\"))))
-    if f.tag:
-        conds.append(exists().where(MediaTag.media_id == Media.id, MediaTag.tag_id == Tag.id, Tag.name == f.tag))
+        conds.append(_meta_exists(g, vt, "ollama.policy_flags", or_(
+            vt.c.value.like(_json_fragment("outcome", f.policy), escape="\\"),
+            vt.c.value.like(_json_fragment("name", f.policy), escape="\\"))))
+    t, mt = g.t("tags"), g.t("media_tags")
+    if f.tag and t is not None and mt is not None:
+        conds.append(exists().where(mt.c("media_id") == media_id, mt.c("tag_id") == t.c("id"), t.c("name") == f.tag))
     if f.model:
         if f.stage in STAGES:
-            conds.append(exists().where(OllamaStageResult.media_id == Media.id,
+            conds.append(exists().where(OllamaStageResult.media_id == media_id,
                                         OllamaStageResult.stage == f.stage, OllamaStageResult.model == f.model))
         else:
-            conds.append(exists().where(OllamaStageResult.media_id == Media.id, OllamaStageResult.model == f.model))
+            conds.append(exists().where(OllamaStageResult.media_id == media_id, OllamaStageResult.model == f.model))
     if f.stage and f.stage_status:
-        cond = _stage_condition(f.stage, f.stage_status)
+        cond = _stage_condition(g, f.stage, f.stage_status)
         if cond is not None:
             conds.append(cond)
     if f.q:
         pattern = f"%{_like_escape(f.q)}%"
-        conds.append(exists().where(MediaMeta.media_id == Media.id, MediaMeta.key.in_(SEARCH_KEYS),
-                                    MediaMeta.value.ilike(pattern, escape="\\")))
+        conds.append(exists().where(vt.c.media_id == media_id, vt.c.key.in_(SEARCH_KEYS),
+                                    vt.c.value.ilike(pattern, escape="\\")))
     return conds
 
 
@@ -146,13 +144,17 @@ def gallery_page(engine: Engine, f: GalleryFilters, *, after: int | None = None,
     reached with `after` has items before it, one reached with `before` has items after it, so a rare
     filter never costs a second scan.
     """
-    conds = filter_conditions(f)
-    q = select(Media.id, Media.path, Media.quality_status).where(*conds)
+    conds = filter_conditions(f, engine)
+    g = gallery_for(engine)
+    m = g["media"]
+    mid = m.c("id")
+    vt = values_table(engine)
+    q = select(mid, m.c("path"), m.c("quality_status") if m.has("quality_status") else null()).where(*conds)
     backwards = before is not None
     if backwards:
-        q = q.where(Media.id < before).order_by(Media.id.desc())
+        q = q.where(mid < before).order_by(mid.desc())
     else:
-        q = q.where(Media.id > (after or 0)).order_by(Media.id)
+        q = q.where(mid > (after or 0)).order_by(mid)
     with engine.connect() as conn:
         rows = list(conn.execute(q.limit(limit + 1)).all())
         more = len(rows) > limit
@@ -163,8 +165,8 @@ def gallery_page(engine: Engine, f: GalleryFilters, *, after: int | None = None,
         if not ids:
             return GalleryPage(cards=[], next_after=None, prev_before=None)
         meta: dict[int, dict[str, Any]] = {}
-        for media_id, key, value in conn.execute(select(MediaMeta.media_id, MediaMeta.key, MediaMeta.value)
-                                                 .where(MediaMeta.media_id.in_(ids), MediaMeta.key.in_(CARD_KEYS))):
+        for media_id, key, value in conn.execute(select(vt.c.media_id, vt.c.key, vt.c.value)
+                                                 .where(vt.c.media_id.in_(ids), vt.c.key.in_(CARD_KEYS))):
             meta.setdefault(int(media_id), {})[key] = loads_or_none(value)
     cards = [GalleryCard(id=int(r[0]), path=str(r[1]), quality_status=r[2], meta=meta.get(int(r[0]), {}))
              for r in rows]
@@ -212,9 +214,12 @@ def _distinct(engine: Engine, column: Any, limit: int = 200) -> list[str]:
 
 def filter_choices(engine: Engine) -> dict[str, list[str]]:
     """Values offered by the filter form: quality statuses, tags, models."""
+    g = gallery_for(engine)
+    m, t = g["media"], g.t("tags")
     return {
-        "quality": choices_cache.get(engine, "quality", lambda: _distinct(engine, Media.quality_status)),
-        "tag": choices_cache.get(engine, "tag", lambda: _distinct(engine, Tag.name, 1000)),
+        "quality": choices_cache.get(engine, "quality", lambda: _distinct(engine, m.c("quality_status"))
+                                     if m.has("quality_status") else []),
+        "tag": choices_cache.get(engine, "tag", lambda: _distinct(engine, t.c("name"), 1000) if t else []),
         "model": choices_cache.get(engine, "model", lambda: _distinct(engine, OllamaStageResult.model)),
     }
 
@@ -236,41 +241,69 @@ class ItemData:
     neighbours: tuple[int | None, int | None] = (None, None)
 
 
+def _logical(t: Any) -> Any:
+    """SELECT of every known column of a gallery table, labelled with its logical name."""
+    return select(*[col.label(name) for name, col in t.cols.items()])
+
+
 def media_row(engine: Engine, media_id: int) -> dict[str, Any] | None:
     """The media row, or None."""
+    m = gallery_for(engine)["media"]
     with engine.connect() as conn:
-        row = conn.execute(select(Media).where(Media.id == media_id)).mappings().first()
+        row = conn.execute(_logical(m).where(m.c("id") == media_id)).mappings().first()
     return dict(row) if row is not None else None
 
 
 def media_path(engine: Engine, media_id: int) -> str | None:
     """media.path of one item, or None when there is no such row."""
+    m = gallery_for(engine)["media"]
     with engine.connect() as conn:
-        return conn.execute(select(Media.path).where(Media.id == media_id)).scalar()
+        return conn.execute(select(m.c("path")).where(m.c("id") == media_id)).scalar()
 
 
 def item_data(engine: Engine, media_id: int, *, jobs_limit: int = 100) -> ItemData | None:
     """The media row with its prompt, tags, scans, all media_meta, provenance per stage and job history."""
+    g = gallery_for(engine)
+    m, p, t, mt, sc = g["media"], g.t("prompts"), g.t("tags"), g.t("media_tags"), g.t("scan_results")
+    vt = values_table(engine)
+    mid = m.c("id")
     with engine.connect() as conn:
-        media = conn.execute(select(Media).where(Media.id == media_id)).mappings().first()
+        media = conn.execute(_logical(m).where(mid == media_id)).mappings().first()
         if media is None:
             return None
-        prompt = conn.execute(select(Prompt).where(Prompt.media_id == media_id).order_by(Prompt.id)
-                              .limit(1)).mappings().first()
-        tags = conn.execute(select(Tag.name, MediaTag.locked, MediaTag.source, MediaTag.confidence,
-                                   MediaTag.weight).join(Tag, Tag.id == MediaTag.tag_id)
-                            .where(MediaTag.media_id == media_id)
-                            .order_by(MediaTag.locked.desc(), Tag.name)).mappings().all()
-        scans = conn.execute(select(ScanResult).where(ScanResult.media_id == media_id)
-                             .order_by(ScanResult.id)).mappings().all()
+        prompt = None
+        if p is not None:
+            order = p.c("id") if p.has("id") else p.c("media_id")
+            prompt = conn.execute(_logical(p).where(p.c("media_id") == media_id).order_by(order)
+                                  .limit(1)).mappings().first()
+        tags: list[Any] = []
+        if t is not None and mt is not None:
+            cols = [t.c("name").label("name")] + [
+                (mt.c(c) if mt.has(c) else null()).label(c) for c in ("locked", "confidence", "weight")]
+            if g.tag_origin:
+                cols.append(mt.table.c[g.tag_origin].label("source"))
+            else:
+                from ollama_pipeline.core.db.models import OllamaTagLink
+
+                owned = OllamaTagLink.__table__
+                cols.append(case((exists().where(owned.c.media_id == mt.c("media_id"),
+                                                 owned.c.tag_id == mt.c("tag_id")), "ollama"), else_=None)
+                            .label("source"))
+            order_cols = ([mt.c("locked").desc()] if mt.has("locked") else []) + [t.c("name")]
+            tags = conn.execute(select(*cols).join(t.table, t.c("id") == mt.c("tag_id"))
+                                .where(mt.c("media_id") == media_id).order_by(*order_cols)).mappings().all()
+        scans: list[Any] = []
+        if sc is not None:
+            order = sc.c("id") if sc.has("id") else sc.c("media_id")
+            scans = conn.execute(_logical(sc).where(sc.c("media_id") == media_id).order_by(order)).mappings().all()
         meta = {r[0]: loads_or_none(r[1]) for r in conn.execute(
-            select(MediaMeta.key, MediaMeta.value).where(MediaMeta.media_id == media_id).order_by(MediaMeta.key))}
+            select(vt.c.key, vt.c.value).where(vt.c.media_id == media_id).order_by(vt.c.key))}
         stages = conn.execute(select(OllamaStageResult).where(OllamaStageResult.media_id == media_id)
                               ).mappings().all()
         jobs = conn.execute(select(OllamaJob).where(OllamaJob.media_id == media_id)
                             .order_by(OllamaJob.id.desc()).limit(jobs_limit)).mappings().all()
-        prev_id = conn.execute(select(func.max(Media.id)).where(Media.id < media_id)).scalar()
-        next_id = conn.execute(select(func.min(Media.id)).where(Media.id > media_id)).scalar()
+        prev_id = conn.execute(select(func.max(mid)).where(mid < media_id)).scalar()
+        next_id = conn.execute(select(func.min(mid)).where(mid > media_id)).scalar()
     scan_list = []
     for s in scans:
         row = dict(s)

@@ -77,7 +77,7 @@ TABLES: tuple[TableSpec, ...] = (
         "links of media to tags (§1 input, §2 optional output)"),
     TableSpec("scan_results", False, (
         _c("id", sql_type="INTEGER"), _c("media_id", True, sql_type="INTEGER"), _c("scanner"),
-        _c("nsfw_score", sql_type="REAL"), _c("flags"), _c("raw_json")), "scanner results (§1)"),
+        _c("nsfw_score", sql_type="REAL"), _c("flags"), _c("raw_json"), _c("created_at")), "scanner results (§1)"),
     TableSpec("media_meta", True, (
         _c("id", sql_type="INTEGER"), _c("media_id", True, writes=True, sql_type="INTEGER"),
         _c("key", True, writes=True), _c("value", True, writes=True), _c("source", writes=True),
@@ -100,7 +100,8 @@ SPECS = {t.name: t for t in TABLES}
 
 # Column names of LocalSupervisor's schema where they differ from the logical ones (DB/schema.sql).
 PROFILE_COLUMNS: dict[str, dict[str, dict[str, str]]] = {
-    LOCALSUPERVISOR: {"media_meta": {"key": "meta_key", "value": "meta_value"}},
+    LOCALSUPERVISOR: {"media_meta": {"key": "meta_key", "value": "meta_value"},
+                      "scan_results": {"created_at": "run_at"}},
 }
 PROFILE_QUALITY: dict[str, dict[str, str]] = {
     # the data contract's quality_status vocabulary: unknown, ok, review, blocked

@@ -197,6 +197,8 @@ def values_table(engine: Engine) -> Any:
     g = gallery_for(engine)
     if g.value_format == "json" and g.meta_layout == "upsert" and not g.text_keys:
         t = g["media_meta"]
+        if all(t.c(k).name == k for k in ("media_id", "key", "value")):
+            return t.table  # the table itself: its indexes serve the readers' filters directly
         return select(t.c("media_id").label("media_id"), t.c("key").label("key"),
                       t.c("value").label("value")).subquery("meta_values")
     v = OllamaValue.__table__
@@ -649,34 +651,35 @@ def persist_result(engine: Engine, media_id: int, result: StageResult, *, write_
             old_outcome = before.get("outcome") if isinstance(before, dict) else None
             if old_outcome != out.policy.outcome:
                 _record_change(conn, g, media_id, "policy_changed", old_outcome, out.policy.outcome, result, now)
-        writes: list[tuple[str | None, str, str]] = [(src, key, text) for src, key, text in encoded]
+        # (gallery key, text written there, the full value kept in ollama_values or None for a derived key)
+        writes: list[tuple[str, str, str | None]] = [
+            (key, text, canonical_json(out.meta[src]) if key == src else None) for src, key, text in encoded]
+        maps = {key: _merge_map(own[key].value if key in own and own[key].value else current.get(key),
+                                result.stage, value)
+                for key, value in (("ollama.model", result.model), ("ollama.version", result.version),
+                                   ("ollama.last_run_at", iso(result.ran_at)))}
         if ls:
             writes += [
-                (None, "ollama.model", _merge_map(own.get("ollama.model", OllamaValueRow(None, None)).written
-                                                  or current.get("ollama.model"), result.stage, result.model)),
-                (None, "ollama.version", _merge_map(own.get("ollama.version", OllamaValueRow(None, None)).written
-                                                    or current.get("ollama.version"), result.stage, result.version)),
-                (None, "ollama.last_run_at", iso(result.ran_at)),
-                (None, "ollama.stage_version", STAGE_VERSION),
+                ("ollama.model", maps["ollama.model"], maps["ollama.model"]),
+                ("ollama.version", maps["ollama.version"], maps["ollama.version"]),
+                ("ollama.last_run_at", iso(result.ran_at), maps["ollama.last_run_at"]),
+                ("ollama.stage_version", STAGE_VERSION, None),
             ]
         else:
-            writes += [(None, key, _merge_map(current.get(key), result.stage, value)) for key, value in (
-                ("ollama.model", result.model), ("ollama.version", result.version),
-                ("ollama.last_run_at", iso(result.ran_at)))]
-        for src, key, text in writes:
-            full = canonical_json(out.meta[src]) if src is not None and key == src else None
+            writes += [(key, text, text) for key, text in maps.items()]
+        for key, text, full in writes:
             if _is_human_edit(g, key, current, sources, own, text) and not force:
                 human.append(key)
             elif current.get(key) != text:
                 _write_gallery_meta(conn, g, media_id, key, text, current, sources, now)
                 changed.append(key)
             record = own.get(key)
-            if record is None or record.written != text or (full is not None and record.value != full):
-                _upsert(conn, v, {"media_id": media_id, "key": key, "value": full if full is not None else (
-                    text if src is None else None), "written": text, "updated_at": now},
-                    ["media_id", "key"], ["value", "written", "updated_at"])
+            if record is None or record.written != text or record.value != full:
+                _upsert(conn, v, {"media_id": media_id, "key": key, "value": full, "written": text,
+                                  "updated_at": now}, ["media_id", "key"], ["value", "written", "updated_at"])
+        written_keys = {k for k, _, _ in writes}
         for src in out.meta:
-            if src not in {k for _, k, _ in writes}:  # a value without a gallery key of its own name
+            if src not in written_keys:  # a value without a gallery key of its own name
                 full = canonical_json(out.meta[src])
                 if own.get(src, OllamaValueRow(None, None)).value != full:
                     _upsert(conn, v, {"media_id": media_id, "key": src, "value": full, "written": None,
