@@ -144,6 +144,7 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "validation.image_too_large": ("validation", False, "The image has more pixels than the decompression-bomb limit (120 MP), or cannot be made to fit ollama.max_image_bytes."),
     "validation.unsupported_media_type": ("validation", False, "The media type or file format is not one the pipeline reads (see Media types): the item is skipped with reason unsupported_media_type, not failed, and listed by `ollama-pipeline jobs problems`."),
     "validation.config": ("validation", False, "A configuration key is missing or has a wrong value."),
+    "validation.schema_missing": ("validation", False, "The gallery database lacks a required table or column (the check-db report names it and the mapping line or SQL that fixes it)."),
     "persistence.locked": ("persistence", True, "The database stayed locked after retries with backoff."),
     "persistence.constraint": ("persistence", False, "A database constraint refused the write."),
     "persistence.db": ("persistence", True, "Any other database error (connection lost, ...)."),

@@ -13,7 +13,7 @@ from sqlalchemy import Column, Connection, Engine, Index, MetaData, Table, creat
 from sqlalchemy.engine import make_url
 
 from ollama_pipeline.core.config import LibraryConfig
-from ollama_pipeline.core.db.models import PIPELINE_TABLES, Base
+from ollama_pipeline.core.db.models import GALLERY_TABLES, Base
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -67,9 +67,44 @@ def _without_gallery_keys(table: Table, metadata: MetaData) -> Table:
     return copy
 
 
+def migrate_own_tables(engine: Engine, *, gallery_fk: bool = True) -> str | None:
+    """Create or upgrade the pipeline's own tables with the numbered Alembic migrations; returns the
+    revision the database was at before (None: never migrated, e.g. made by create_all before)."""
+    from ollama_pipeline.core.db.migrations import (
+        alembic_config,
+        current_revision,
+        head_revision,
+        stamp_head,
+    )
+
+    existing = set(inspect(engine).get_table_names())
+    if not existing & set(MIGRATED_TABLES):  # a fresh database: the models' tables at head, then stamp
+        own = [Base.metadata.tables[t] for t in MIGRATED_TABLES if t in Base.metadata.tables]
+        with engine.begin() as conn:
+            if gallery_fk:
+                Base.metadata.create_all(conn, tables=own)
+            else:
+                metadata = MetaData()
+                metadata.create_all(conn, tables=[_without_gallery_keys(t, metadata) for t in own])
+            from ollama_pipeline.core.db.optional import ADDED
+
+            ADDED.create(conn, checkfirst=True)
+            stamp_head(conn)
+        return None
+    with engine.connect() as conn:
+        before = current_revision(conn)
+    if before == head_revision():
+        return before
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn, gallery_fk=gallery_fk), "head")
+    return before
+
+
 def init_db(engine: Engine, library: LibraryConfig | None = None) -> list[str]:
-    """Create the pipeline's own tables that do not exist yet; on a database without a gallery, also the
-    gallery tables in the pipeline's own schema. Existing gallery tables are used as they are."""
+    """Create and upgrade the pipeline's own tables (Alembic migrations); on a database without a gallery,
+    also the gallery tables in the pipeline's own schema. Existing gallery tables are used as they are."""
     from ollama_pipeline.core.db.gallery import forget
 
     library = library or getattr(engine, "_ollama_library", None) or LibraryConfig()
@@ -79,15 +114,26 @@ def init_db(engine: Engine, library: LibraryConfig | None = None) -> list[str]:
     gallery_present = media_name in set(insp.get_table_names(schema=library.schema_name))
     plain = media_name == "media" and library.schema_name is None
     if not gallery_present and plain:
-        Base.metadata.create_all(engine, checkfirst=True)
-    elif plain:
-        Base.metadata.create_all(engine, tables=[Base.metadata.tables[t] for t in PIPELINE_TABLES], checkfirst=True)
-    else:
-        metadata = MetaData()
-        own = [_without_gallery_keys(Base.metadata.tables[t], metadata) for t in PIPELINE_TABLES]
-        metadata.create_all(engine, tables=own, checkfirst=True)
+        gallery = [t for name, t in Base.metadata.tables.items() if name in GALLERY_TABLES]
+        Base.metadata.create_all(engine, tables=gallery, checkfirst=True)
+    migrate_own_tables(engine, gallery_fk=plain)
+    # Tables of the pipeline that no migration names yet are made as the models say.
+    others = [t for name, t in Base.metadata.tables.items()
+              if name not in GALLERY_TABLES and name not in MIGRATED_TABLES]
+    if others:
+        if plain:
+            Base.metadata.create_all(engine, tables=others, checkfirst=True)
+        else:
+            metadata = MetaData()
+            metadata.create_all(engine, tables=[_without_gallery_keys(t, metadata) for t in others], checkfirst=True)
     forget(engine)
-    return [t for t in Base.metadata.tables if t not in existing and t in set(inspect(engine).get_table_names())]
+    now = set(inspect(engine).get_table_names())
+    return [t for t in [*Base.metadata.tables, "ollama_added_columns"] if t not in existing and t in now]
+
+
+# The tables the Alembic migrations (ollama_pipeline/core/db/migrations/versions) create.
+MIGRATED_TABLES = ("ollama_jobs", "ollama_stage_results", "ollama_media_index", "ollama_values", "ollama_tag_links",
+                   "ollama_added_columns")
 
 
 def engine_for_settings(settings: Any) -> Engine:

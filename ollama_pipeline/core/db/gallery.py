@@ -23,7 +23,7 @@ from sqlalchemy import Column, Engine, MetaData, Table, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ollama_pipeline.core.config import LibraryConfig
-from ollama_pipeline.core.errors import ValidationError
+from ollama_pipeline.core.errors import PersistenceError, ValidationError
 
 LOCALSUPERVISOR = "localsupervisor"
 PIPELINE = "pipeline"
@@ -68,8 +68,8 @@ TABLES: tuple[TableSpec, ...] = (
         _c("model"), _c("sampler"), _c("seed"), _c("size"), _c("width", sql_type="INTEGER"),
         _c("height", sql_type="INTEGER")), "generation prompts (§1)"),
     TableSpec("tags", False, (
-        _c("id", True, sql_type="INTEGER"), _c("name", True), _c("type"), _c("locked", sql_type="INTEGER"),
-        _c("created_at", writes=True)), "tag names (§1 input, §2 optional output)"),
+        _c("id", True, sql_type="INTEGER"), _c("name", True, writes=True), _c("type", writes=True),
+        _c("locked", sql_type="INTEGER"), _c("created_at", writes=True)), "tag names (§1 input, §2 optional output)"),
     TableSpec("media_tags", False, (
         _c("media_id", True, writes=True, sql_type="INTEGER"), _c("tag_id", True, writes=True, sql_type="INTEGER"),
         _c("locked", sql_type="INTEGER"), _c("confidence", writes=True, sql_type="REAL"),
@@ -97,6 +97,14 @@ TABLES: tuple[TableSpec, ...] = (
         "an audit row for status and policy changes (§5)"),
 )
 SPECS = {t.name: t for t in TABLES}
+
+# The optional gallery columns `init-db --add-optional-columns` may add (never media_meta, lifecycle or audit
+# columns: those tables are written in their own layout).
+ADDABLE: dict[str, tuple[str, ...]] = {
+    "media": ("quality_status", "quality_score", "updated_at"),
+    "tags": ("created_at",),
+    "media_tags": ("confidence", "weight", "created_at"),
+}
 
 # Column names of LocalSupervisor's schema where they differ from the logical ones (DB/schema.sql).
 PROFILE_COLUMNS: dict[str, dict[str, dict[str, str]]] = {
@@ -154,8 +162,10 @@ class CheckReport:
                 continue
             lines.append(f"  {info['physical']}: reads {', '.join(info['reads']) or '-'}; "
                          f"writes {', '.join(info['writes']) or '-'}")
-            extra = [f"{k}: {v}" for k, v in (("layout", info.get("layout")), ("unique", info.get("unique")))
-                     if v]
+            extra = [f"{k}: {v}" for k, v in (("layout", info.get("layout")), ("unique", info.get("unique")),
+                                               ("defaults", info.get("defaults")), ("collations", info.get("collations")),
+                                               ("tag links", info.get("origin")),
+                                               ("quality_status", info.get("quality_status_vocabulary"))) if v]
             if extra:
                 lines.append("    " + "; ".join(extra))
         for f in self.findings:
@@ -252,8 +262,8 @@ def discover(engine: Engine, library: LibraryConfig) -> Gallery:
     try:
         names = set(insp.get_table_names(schema=schema))
     except SQLAlchemyError as exc:
-        raise ValidationError(f"cannot read the database's tables: {type(exc).__name__}",
-                              code="persistence.db") from None
+        raise PersistenceError(f"cannot read the database's tables: {type(exc).__name__}",
+                               code="persistence.db") from None
     profile = library.profile
     if profile == "auto":
         profile = CUSTOM if (library.tables or library.columns or library.prefix) else _detect_profile(
@@ -303,12 +313,20 @@ def discover(engine: Engine, library: LibraryConfig) -> Gallery:
             continue
         for col in spec.columns:
             if col.name not in cols and not col.required:
+                addable = col.name in ADDABLE.get(spec.name, ())
                 report.findings.append(Finding(
                     "info", spec.name, col.name, f"optional column {col.name!r} not present: not used",
-                    fix=(f"library.columns.{spec.name}.{col.name}: <column>   or   ollama-pipeline init-db "
-                         f"--add-optional-columns" if col.writes else None)))
+                    fix=(f"library.columns.{spec.name}.{col.name}: <column>" + (
+                        "   or   ollama-pipeline init-db --add-optional-columns" if addable else ""))))
         info["reads"] = [f"{k}" + (f"={v.name}" if v.name != k else "") for k, v in cols.items()]
         info["writes"] = sorted(k for k in writable if k in cols)
+        defaults = {k: str(c.server_default.arg) for k, c in cols.items() if k in writable and
+                    c.server_default is not None and hasattr(c.server_default, "arg")}
+        if defaults:
+            info["defaults"] = defaults
+        collations = {k: c.type.collation for k, c in cols.items() if getattr(c.type, "collation", None)}
+        if collations:
+            info["collations"] = collations
         uniques = _unique_sets(insp, physical, schema)
         info["unique"] = ", ".join("(" + ", ".join(u) + ")" for u in uniques) or None
         tables[spec.name] = GalleryTable(spec.name, table, cols, writable)

@@ -13,13 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Column, DateTime, Engine, MetaData, String, Table, select, text
 
-from ollama_pipeline.core.db.gallery import SPECS, Gallery, forget
-
-ADDABLE: dict[str, tuple[str, ...]] = {
-    "media": ("quality_status", "quality_score", "updated_at"),
-    "tags": ("created_at",),
-    "media_tags": ("confidence", "weight", "created_at"),
-}
+from ollama_pipeline.core.db.gallery import ADDABLE, SPECS, Gallery, forget
 
 _meta = MetaData()
 ADDED = Table("ollama_added_columns", _meta, Column("table_name", String(255), primary_key=True),
