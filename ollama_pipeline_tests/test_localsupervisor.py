@@ -207,3 +207,40 @@ def test_tag_locks_and_link_ownership_and_human_edits_are_kept(ls_library: tuple
                                          "meta_key = 'ollama.title' ORDER BY id", (media_id,))]
     assert "My own title" in history and len(history) == 3  # every earlier value stays recoverable
     con.close()
+
+
+def test_demo_library_in_localsupervisor_layout_is_read_by_web_export_and_report(
+        tmp_path: Path, settings_factory: Callable[..., Settings]) -> None:
+    """`demo --layout localsupervisor`'s library: the profile is detected, every stage runs, and this
+    project's web UI, export feed and report read the results."""
+    from ollama_pipeline.app.demo import verify_outputs
+    from ollama_pipeline.app.demo_library import build_demo_library
+    from ollama_pipeline.app.web import queries
+    from ollama_pipeline.core.db.gallery import gallery_for
+    from ollama_pipeline.core.export import export_records
+    from ollama_pipeline.core.report import build_report
+
+    db = tmp_path / "demo_ls.sqlite"
+    settings = settings_factory(f"sqlite:///{db}")
+    pipeline = Pipeline.from_settings(settings)
+    report = build_demo_library(pipeline.engine, settings.media_root, 8, max_side=256, sizes="small",
+                                layout="localsupervisor")
+    ids = sorted(report.media_ids)
+    assert gallery_for(pipeline.engine).profile == "localsupervisor"
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 18
+    assert all(Path(p).is_absolute() for (p,) in con.execute("SELECT path FROM media"))
+    con.close()
+    outcomes = _run_all(pipeline, ids)
+    assert [o for o in outcomes if o.status == "failed"] == []
+    valid, total, problems = verify_outputs(pipeline.engine, list(STAGES))
+    assert (valid, total) == (len(ids), len(ids)), problems[:3]
+    records = list(export_records(pipeline.engine))
+    assert [r["media_id"] for r in records] == ids
+    assert records[0]["ollama"]["ollama.caption"]["text"] == _newest(db, ids[0])["ollama.caption"][0]
+    assert {r["quality_status"] for r in records} <= {"ok", "review", "blocked"}
+    item = queries.item_data(pipeline.engine, ids[0])
+    assert item is not None and item.meta["ollama.title"]["text"] and item.tags
+    page = queries.gallery_page(pipeline.engine, queries.GalleryFilters(q=item.meta["ollama.title"]["text"][:8]))
+    assert ids[0] in [c.id for c in page.cards]
+    assert build_report(pipeline.engine).items == len(ids)

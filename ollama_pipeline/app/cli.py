@@ -92,8 +92,9 @@ def _cmd_demo_library(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
-    init_db(engine)
-    report = build_demo_library(engine, settings.media_root, count=args.count, seed=args.seed)
+    if args.layout == "pipeline":
+        init_db(engine)
+    report = build_demo_library(engine, settings.media_root, count=args.count, seed=args.seed, layout=args.layout)
     print(f"demo library: {report.created} created, {report.skipped} already there, "
           f"{report.bytes_written / 1e6:.1f} MB written under {settings.media_root}")
     return 0
@@ -151,7 +152,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ollama_pipeline.app.demo import run_demo
 
-    return run_demo(count=args.count, emulator=args.emulator, config=args.config, stages=args.stages)
+    return run_demo(count=args.count, emulator=args.emulator, config=args.config, stages=args.stages,
+                    layout=args.layout)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-library", help="write a realistic demo library (images, prompts, tags, scans)")
     p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--layout", choices=["pipeline", "localsupervisor"], default="pipeline",
+                   help="gallery schema of a new library: the pipeline's own, or LocalSupervisor's")
     p.set_defaults(handler=_cmd_demo_library)
 
     from ollama_pipeline.emulator.__main__ import build_parser as emulator_parser
@@ -207,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)
     p.add_argument("--emulator", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--stages", default="all")
+    p.add_argument("--layout", choices=["pipeline", "localsupervisor"], default="pipeline",
+                   help="build the demo library in the pipeline's own schema or in LocalSupervisor's "
+                        "(then under demo/localsupervisor/)")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("export", help="write the JSON Lines export feed of all ollama.* values")

@@ -62,7 +62,8 @@ def verify_outputs(engine: Engine, stages: list[str]) -> tuple[int, int, list[st
     return valid, len(ids), problems
 
 
-def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = None, stages: str = "all") -> int:
+def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = None, stages: str = "all",
+             layout: str = "pipeline") -> int:
     """Build the demo library and run the chosen stages on it through Dagster; prints a summary."""
     from ollama_pipeline.app.demo_library import build_demo_library
     from ollama_pipeline.app.orchestrate import parse_stage_list, run_stages_through_dagster
@@ -73,7 +74,7 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
     user_config = config or os.environ.get(CONFIG_ENV) or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists()
                                                            else None)
     if user_config is None:
-        config_file = DEMO_DIR / "ollama_pipeline.yaml"
+        config_file = (DEMO_DIR if layout == "pipeline" else DEMO_DIR / layout) / "ollama_pipeline.yaml"
         _demo_config(config_file)
     else:
         config_file = Path(user_config)
@@ -95,9 +96,10 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
                   f"start Ollama, fix ollama.base_url in {config_file}, or run with --emulator always")
             return 2
         engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
-        init_db(engine)
+        if layout == "pipeline":
+            init_db(engine)
         started = time.perf_counter()
-        report = build_demo_library(engine, settings.media_root, count=count)
+        report = build_demo_library(engine, settings.media_root, count=count, layout=layout)  # type: ignore[arg-type]
         print(f"demo library: {report.created} created, {report.skipped} already there "
               f"({time.perf_counter() - started:.1f} s) under {settings.media_root}")
         summary = run_stages_through_dagster(settings, parse_stage_list(stages), media_ids=None,
@@ -111,7 +113,8 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
               f"its stored schema" + (f"; problems: {problems[:5]}" if problems else ""))
         export_path, exported = write_export(settings)
         print("\nresults:")
-        print(f"  database      {settings.database.url}  (table media_meta, keys ollama.*)")
+        print(f"  database      {settings.database.url}  (table media_meta, keys ollama.*; "
+              f"{layout} layout)")
         print(f"  export feed   {export_path}  ({exported} lines)")
         print(f"  logs          {settings.logs_dir}/ollama_jobs.jsonl, ollama_errors.jsonl")
         print("  Dagster UI    make ui   (runs, lineage, partitions)")

@@ -35,7 +35,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine, insert, select
 
 from ollama_pipeline.core.db.engine import init_db
-from ollama_pipeline.core.db.models import Media, MediaMeta, MediaTag, Prompt, ScanResult, Tag
+from ollama_pipeline.core.db.gallery import LOCALSUPERVISOR, PIPELINE, gallery_for
+from ollama_pipeline.core.db.models import Base
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 SizeProfile = Literal["realistic", "small"]
@@ -542,25 +543,62 @@ class DemoLibraryReport(BaseModel):
     seconds: float = 0.0
 
 
+def _table(engine: Engine, name: str) -> Any:
+    """The table to insert into: the models' table in the pipeline's own layout (its Python-side defaults
+    fill created_at and the like), else the reflected gallery table."""
+    g = gallery_for(engine)
+    return Base.metadata.tables[name] if g.profile == PIPELINE else g[name].table
+
+
 def _ensure_tags(engine: Engine, names: Sequence[str]) -> dict[str, int]:
-    tags = Tag.__table__
+    t = gallery_for(engine)["tags"]
+    typed = {t.c("type").name: "content"} if t.has("type") else {}
     with engine.begin() as conn:
-        existing = {row.name: row.id for row in conn.execute(select(tags.c.name, tags.c.id))}
+        existing = {row[0]: row[1] for row in conn.execute(select(t.c("name"), t.c("id")))}
         missing = [name for name in names if name not in existing]
         if missing:
-            conn.execute(insert(tags), [{"name": name} for name in missing])
-            existing = {row.name: row.id for row in conn.execute(select(tags.c.name, tags.c.id))}
+            conn.execute(insert(_table(engine, "tags")), [{t.c("name").name: name, **typed} for name in missing])
+            existing = {row[0]: row[1] for row in conn.execute(select(t.c("name"), t.c("id")))}
     return existing
 
 
 def _existing_paths(engine: Engine, paths: Sequence[str]) -> set[str]:
-    media = Media.__table__
+    media = gallery_for(engine)["media"]
     with engine.connect() as conn:
-        return set(conn.execute(select(media.c.path).where(media.c.path.in_(list(paths)))).scalars())
+        return set(conn.execute(select(media.c("path")).where(media.c("path").in_(list(paths)))).scalars())
+
+
+_LS_NOW = "2026-01-20T10:00:00+00:00"  # imported_at / run_at / created_at of the demo rows (fixed: reproducible)
+
+
+def _localsupervisor_rows(kind: str, rows: list[dict[str, Any]], media_root: Path) -> list[dict[str, Any]]:
+    """Demo rows reshaped as LocalSupervisor's importer writes them (its columns, text timestamps)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if kind == "media":
+            row.update(path=str(media_root / row["path"]), source="sd", imported_at=_LS_NOW, created_at=_LS_NOW,
+                       quality_status="unknown", has_nsfw=int(bool(row["has_nsfw"])),
+                       rating=row["rating"] or 0)  # 0 = unrated, 1 safe, 2 questionable, 3 explicit
+        elif kind == "prompts":
+            size = row.pop("size")
+            width, height = (int(v) for v in size.split("x"))
+            row.update(seed=None if row["seed"] is None else str(row["seed"]), width=width, height=height)
+        elif kind == "media_tags":
+            row.pop("source", None)
+            row.pop("weight", None)
+            row.update(locked=int(bool(row["locked"])), confidence=1.0 if row["confidence"] is None else row["confidence"])
+        elif kind == "scan_results":
+            row["run_at"] = _LS_NOW
+        elif kind == "media_meta":
+            row = {"media_id": row["media_id"], "meta_key": row["key"], "meta_value": row["value"],
+                   "source": row["key"].split(".", 1)[0], "created_at": _LS_NOW}
+        out.append(row)
+    return out
 
 
 def _insert_batch(
-    engine: Engine, batch: list[tuple[DemoItemPlan, str]], tag_ids: dict[str, int]
+    engine: Engine, batch: list[tuple[DemoItemPlan, str]], tag_ids: dict[str, int], media_root: Path | None = None
 ) -> list[int]:
     """Insert the rows of a batch of (plan, sha256) with bulk Core inserts; returns the media ids in order."""
     media_rows = [
@@ -578,9 +616,18 @@ def _insert_batch(
         }
         for plan, sha in batch
     ]
+    g = gallery_for(engine)
+    ls = g.profile == LOCALSUPERVISOR
+    if ls:
+        assert media_root is not None
+        media_rows = _localsupervisor_rows("media", media_rows, media_root.resolve())
     with engine.begin() as conn:
-        statement = insert(Media.__table__).returning(Media.__table__.c.id, sort_by_parameter_order=True)
-        ids = [row[0] for row in conn.execute(statement, media_rows)]
+        media_table = _table(engine, "media")
+        if ls:  # a reflected table (no insert sentinel): one row at a time, its new id each
+            ids = [conn.execute(insert(media_table).values(**row)).inserted_primary_key[0] for row in media_rows]
+        else:
+            statement = insert(media_table).returning(media_table.c.id, sort_by_parameter_order=True)
+            ids = [row[0] for row in conn.execute(statement, media_rows)]
         prompts, media_tags, scans, metas = [], [], [], []
         for media_id, (plan, _sha) in zip(ids, batch, strict=True):
             scene = plan.scene
@@ -622,11 +669,16 @@ def _insert_batch(
                 }
             )
             metas.extend({"media_id": media_id, "key": key, "value": value} for key, value in plan.meta)
-        conn.execute(insert(Prompt.__table__), prompts)
-        conn.execute(insert(MediaTag.__table__), media_tags)
-        conn.execute(insert(ScanResult.__table__), scans)
+        if ls:
+            prompts = _localsupervisor_rows("prompts", prompts, media_root or Path())
+            media_tags = _localsupervisor_rows("media_tags", media_tags, media_root or Path())
+            scans = _localsupervisor_rows("scan_results", scans, media_root or Path())
+            metas = _localsupervisor_rows("media_meta", metas, media_root or Path())
+        conn.execute(insert(_table(engine, "prompts")), prompts)
+        conn.execute(insert(_table(engine, "media_tags")), media_tags)
+        conn.execute(insert(_table(engine, "scan_results")), scans)
         if metas:
-            conn.execute(insert(MediaMeta.__table__), metas)
+            conn.execute(insert(_table(engine, "media_meta")), metas)
     return ids
 
 
@@ -649,10 +701,12 @@ def build_demo_library(
     progress: ProgressCallback | None = None,
     sizes: SizeProfile = "realistic",
     workers: int | None = None,
+    layout: Literal["pipeline", "localsupervisor"] = "pipeline",
 ) -> DemoLibraryReport:
     """Write items start_index .. start_index+count-1 (files under media_root, rows in the gallery tables).
 
-    Creates missing tables first. Items whose `media.path` already exists are skipped (file and rows), so
+    Creates missing tables first (layout "localsupervisor": LocalSupervisor's schema on an empty database,
+    rows shaped as its importer writes them; then the pipeline reads and writes it through that profile). Items whose `media.path` already exists are skipped (file and rows), so
     repeating a call adds nothing. `sizes="small"` keeps every image at most 512 px (bench libraries).
     Images are rendered by `workers` threads (default: CPU count, at most 8; Pillow releases the GIL while
     encoding); rows go in with bulk Core inserts, one transaction per batch of `BATCH_SIZE` items.
@@ -666,6 +720,10 @@ def build_demo_library(
         raise ValueError(f"sizes must be 'realistic' or 'small', not {sizes!r}")
     started = time.perf_counter()
     media_root = Path(media_root)
+    if layout == "localsupervisor":
+        from ollama_pipeline.app.localsupervisor_schema import create_localsupervisor_schema
+
+        create_localsupervisor_schema(engine)
     init_db(engine)
     tag_ids = _ensure_tags(engine, TAG_VOCABULARY)
     report = DemoLibraryReport(requested=count, created=0, skipped=0)
@@ -694,7 +752,7 @@ def build_demo_library(
                     progress(done, count)
             if not rows:
                 continue
-            ids = _insert_batch(engine, rows, tag_ids)
+            ids = _insert_batch(engine, rows, tag_ids, media_root)
             report.media_ids.extend(ids)
             for media_id, (plan, _sha) in zip(ids, rows, strict=True):
                 if plan.variant_of is not None:
