@@ -55,6 +55,8 @@ def _reset_pg(url: str) -> None:
 
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:  # the migration bookkeeping tables are not models
+        conn.execute(text("DROP TABLE IF EXISTS ollama_alembic_version, ollama_added_columns"))
     engine.dispose()
     gallery._cache.clear()  # the next test reflects its own tables
 

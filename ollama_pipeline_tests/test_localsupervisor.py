@@ -244,3 +244,50 @@ def test_demo_library_in_localsupervisor_layout_is_read_by_web_export_and_report
     page = queries.gallery_page(pipeline.engine, queries.GalleryFilters(q=item.meta["ollama.title"]["text"][:8]))
     assert ids[0] in [c.id for c in page.cards]
     assert build_report(pipeline.engine).items == len(ids)
+
+
+def test_its_jobs_rows_queued_by_sql_are_claimed_once_processed_and_end_done(
+        ls_library: tuple[Settings, Path, list[int]]) -> None:
+    """ollama_caption rows in LocalSupervisor's jobs table (as its enqueue writes them) end done with the
+    caption visible; dedupe and per-media limit as its own code; other types are left for its worker."""
+    from ollama_pipeline.core.errors import QueueLimitError
+    from ollama_pipeline.core.queue.gallery_jobs import enqueue, process_gallery_jobs
+
+    settings, db, ids = ls_library
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    con = sqlite3.connect(db)
+    for media_id in ids[:3]:  # as sv_enqueue_ollama_job writes them
+        con.execute("INSERT INTO jobs (media_id, prompt_id, type, status, created_at, updated_at, payload_json) "
+                    "VALUES (?, NULL, 'ollama_caption', 'queued', '2026-02-01T10:00:00+00:00', "
+                    "'2026-02-01T10:00:00+00:00', ?)",
+                    (media_id, json.dumps({"media_id": media_id, "mode": "caption",
+                                           "created_at": "2026-02-01T10:00:00+00:00"})))
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, payload_json) "
+                "VALUES (?, 'ollama_embed', 'queued', '2026-02-01T10:00:00+00:00', '{}')", (ids[0],))
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, not_before, payload_json) "
+                "VALUES (?, 'ollama_title', 'queued', '2026-02-01T10:00:00+00:00', '2999-01-01T00:00:00+00:00', '{}')",
+                (ids[4],))
+    con.commit()
+    assert enqueue(pipeline.engine, settings.library.jobs, "ollama_caption", ids[0]) == {"job_id": 1, "deduped": True}
+
+    outcomes = process_gallery_jobs(pipeline, limit=10)
+    assert [(o.media_id, o.status) for o in outcomes] == [(m, "done") for m in ids[:3]]
+    rows = con.execute("SELECT type, status, worker_owner, heartbeat_at, started_at, last_error_code FROM jobs "
+                       "ORDER BY id").fetchall()
+    assert [r[:2] for r in rows] == [("ollama_caption", "done")] * 3 + [("ollama_embed", "queued"),
+                                                                         ("ollama_title", "queued")]
+    assert all(r[2].startswith("ollama_pipeline:") and "T" in r[3] and "T" in r[4] and r[5] is None for r in rows[:3])
+    for media_id in ids[:3]:
+        text, source = _newest(db, media_id)["ollama.caption"]
+        assert source == "ollama" and text and not text.startswith("{")
+    assert process_gallery_jobs(pipeline, limit=10) == []  # nothing left it may take
+
+    new = enqueue(pipeline.engine, settings.library.jobs, "ollama_title", ids[1], {"force": True})
+    assert new["deduped"] is False
+    payload = json.loads(con.execute("SELECT payload_json FROM jobs WHERE id = ?", (new["job_id"],)).fetchone()[0])
+    assert payload["mode"] == "title" and payload["media_id"] == ids[1] and payload["force"] is True
+    tight = settings.library.jobs.model_copy(update={"queue_max_per_type_default": 1})
+    with pytest.raises(QueueLimitError):
+        enqueue(pipeline.engine, tight, "ollama_title", ids[2])
+    con.close()

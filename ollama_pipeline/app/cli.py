@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ollama_pipeline.core.config import Settings, load_settings
-from ollama_pipeline.core.errors import OllamaPipelineError
+from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
 
 Handler = Callable[[argparse.Namespace], int]
 USAGE_CODE = "validation.payload"
@@ -84,6 +84,33 @@ def _cmd_check_db(args: argparse.Namespace) -> int:
     report = gallery_for(engine_for_settings(settings), refresh=True).report
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
     return 0 if report.ok else 2
+
+
+def _cmd_gallery_jobs(args: argparse.Namespace) -> int:
+    import json
+
+    from sqlalchemy import inspect
+
+    from ollama_pipeline.core.queue import gallery_jobs
+    from ollama_pipeline.core.runner import Pipeline
+
+    settings = settings_from_args(args)
+    pipeline = Pipeline.from_settings(settings)
+    _check_gallery(settings)
+    if args.action == "process" and not inspect(pipeline.engine).has_table("jobs"):
+        print("gallery jobs: this gallery has no jobs table of its own (LocalSupervisor's); nothing to do")
+        return 0
+    if args.action == "enqueue":
+        if args.job_type is None or args.media_id is None:
+            raise ValidationError("gallery-jobs enqueue needs JOB_TYPE and MEDIA_ID", code="validation.payload")
+        print(json.dumps(gallery_jobs.enqueue(pipeline.engine, settings.library.jobs, args.job_type, args.media_id)))
+        return 0
+    outcomes = gallery_jobs.process_gallery_jobs(pipeline, limit=args.limit)
+    for outcome in outcomes:
+        print(outcome.model_dump_json())
+    print(f"gallery jobs: {len(outcomes)} processed, "
+          f"{sum(o.status == 'done' for o in outcomes)} done, {sum(o.status == 'error' for o in outcomes)} error")
+    return 0 if all(o.status != "error" for o in outcomes) else 1
 
 
 def _cmd_demo_library(args: argparse.Namespace) -> int:
@@ -180,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="undo --add-optional-columns (drops only the columns it adds)")
     p.add_argument("--sql", action="store_true", help="with --add/--drop-optional-columns: print the SQL only")
     p.set_defaults(handler=_cmd_init_db)
+
+    p = sub.add_parser("gallery-jobs", help="LocalSupervisor's own jobs table: enqueue, or process what waits there")
+    p.add_argument("action", choices=["process", "enqueue"])
+    p.add_argument("job_type", nargs="?", help="enqueue: e.g. ollama_caption")
+    p.add_argument("media_id", nargs="?", type=int, help="enqueue: the media id")
+    p.add_argument("--limit", type=int, default=100, help="process: at most this many jobs")
+    p.set_defaults(handler=_cmd_gallery_jobs)
 
     p = sub.add_parser("check-db", help="report the gallery's tables and columns as the pipeline will use them")
     p.add_argument("--json", action="store_true", help="the report as JSON")

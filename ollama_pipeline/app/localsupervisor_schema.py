@@ -3,8 +3,8 @@
 LocalSupervisor (github noliv3/LocalSupervisor) builds its SQLite database with `SCRIPTS/init_db.php`
 (DB/schema.sql) and `SCRIPTS/migrate.php` (SCRIPTS/migrations 001-018). The tables below have the table and
 column names, types, defaults and keys those create (013 adds media.status_vote/is_active/is_deleted; 012,
-014-016 the jobs control fields) for the tables this pipeline reads or writes, plus `jobs` and
-`schema_migrations` (whose rows make the pipeline recognise the profile). No code of LocalSupervisor is
+014-016 the jobs control fields), so LocalSupervisor's own pages open such a database; `schema_migrations`
+rows make the pipeline recognise the profile. No code of LocalSupervisor is
 copied. `ollama-pipeline demo --layout localsupervisor` builds its demo library in this schema.
 """
 
@@ -88,6 +88,43 @@ CREATE TABLE media_meta (
 );
 CREATE INDEX idx_media_meta_media ON media_meta(media_id);
 CREATE INDEX idx_media_meta_key_value ON media_meta(meta_key, meta_value);
+CREATE TABLE prompt_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, media_id INTEGER NOT NULL, prompt_id INTEGER, version INTEGER NOT NULL,
+    source TEXT NOT NULL, created_at TEXT NOT NULL, prompt TEXT, negative_prompt TEXT, model TEXT, sampler TEXT,
+    cfg_scale REAL, steps INTEGER, seed TEXT, width INTEGER, height INTEGER, scheduler TEXT, sampler_settings TEXT,
+    loras TEXT, controlnet TEXT, source_metadata TEXT, raw_text TEXT,
+    FOREIGN KEY (media_id) REFERENCES media(id) ON DELETE CASCADE,
+    FOREIGN KEY (prompt_id) REFERENCES prompts(id) ON DELETE SET NULL
+);
+CREATE UNIQUE INDEX idx_prompt_history_media_version ON prompt_history(media_id, version);
+CREATE TABLE ollama_results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, media_id INTEGER NOT NULL, mode TEXT NOT NULL, model TEXT NOT NULL,
+    title TEXT, caption TEXT, score INTEGER, contradictions TEXT, missing TEXT, rationale TEXT, raw_json TEXT,
+    raw_text TEXT, parse_error INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, meta TEXT,
+    FOREIGN KEY (media_id) REFERENCES media(id) ON DELETE CASCADE
+);
+CREATE TABLE ollama_vectors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, media_id INTEGER NOT NULL, kind TEXT NOT NULL, model TEXT NOT NULL,
+    dims INTEGER NOT NULL, vector_json TEXT NOT NULL, input_hash TEXT NOT NULL, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, FOREIGN KEY (media_id) REFERENCES media(id) ON DELETE CASCADE
+);
+CREATE UNIQUE INDEX idx_ollama_vectors_unique ON ollama_vectors(media_id, kind, model, input_hash);
+CREATE TABLE collections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, description TEXT, created_at TEXT NOT NULL
+);
+CREATE TABLE collection_media (
+    collection_id INTEGER NOT NULL, media_id INTEGER NOT NULL, PRIMARY KEY (collection_id, media_id),
+    FOREIGN KEY (collection_id) REFERENCES collections(id) ON DELETE CASCADE,
+    FOREIGN KEY (media_id) REFERENCES media(id) ON DELETE CASCADE
+);
+CREATE TABLE import_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, status TEXT NOT NULL, message TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE consistency_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, check_name TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 """
 
 

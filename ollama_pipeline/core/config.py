@@ -120,6 +120,15 @@ class PipelineConfig(_Strict):
     dagster_ui_url: str = "http://127.0.0.1:3000"
 
 
+class GalleryQueueLimits(_Strict):
+    """Limits of a gallery's own job queue (LocalSupervisor's `jobs.queue_max_*`, same defaults)."""
+
+    queue_max_total: int = Field(default=2000, ge=0)
+    queue_max_per_type_default: int = Field(default=500, ge=0)
+    queue_max_per_type: dict[str, int] = Field(default_factory=dict)
+    queue_max_per_media: int = Field(default=2, ge=0)
+
+
 class LibraryConfig(_Strict):
     """How the gallery's tables are laid out (`library:`); discovered by reflection, completed by this."""
 
@@ -141,6 +150,9 @@ class LibraryConfig(_Strict):
     writable: dict[str, list[str]] = Field(
         default_factory=dict, description="table -> the logical columns the pipeline may write (default: all "
         "it knows)")
+
+    jobs: GalleryQueueLimits = Field(default_factory=GalleryQueueLimits,
+                                     description="limits of the gallery's own jobs table (LocalSupervisor)")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
