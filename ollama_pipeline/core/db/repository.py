@@ -29,6 +29,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    null,
     or_,
     select,
     update,
@@ -753,9 +754,10 @@ def record_media_problem(engine: Engine, media_id: int, error: OllamaPipelineErr
     """Remember what is wrong with an item's file (status failed, or skipped for an unsupported type) and
     the signature of the file and row it was seen with; written only when something differs."""
     now = _naive(datetime.now(UTC))
+    m = gallery_for(engine)["media"]
 
     def work(conn: Connection) -> None:
-        if conn.execute(select(Media.id).where(Media.id == media_id)).first() is None:
+        if conn.execute(select(m.c("id")).where(m.c("id") == media_id)).first() is None:
             return
         old = conn.execute(select(OllamaStageResult.status, OllamaStageResult.error_code,
                                   OllamaStageResult.fingerprint).where(
@@ -784,9 +786,11 @@ def clear_media_problem(engine: Engine, media_id: int, *, lock_retries: int = 5)
 
 def media_problems(engine: Engine, *, limit: int = 100) -> list[dict[str, Any]]:
     """Items whose file is missing, unreadable or of an unsupported type, lowest media id first."""
-    q = (select(OllamaStageResult.media_id, Media.path, Media.type, OllamaStageResult.status,
+    m = gallery_for(engine)["media"]
+    q = (select(OllamaStageResult.media_id, m.c("path").label("path"),
+                (m.c("type") if m.has("type") else null()).label("type"), OllamaStageResult.status,
                 OllamaStageResult.error_code, OllamaStageResult.error_message, OllamaStageResult.updated_at)
-         .join(Media, Media.id == OllamaStageResult.media_id)
+         .join(m.table, m.c("id") == OllamaStageResult.media_id)
          .where(OllamaStageResult.stage == MEDIA_STAGE).order_by(OllamaStageResult.media_id).limit(limit))
     with read_connection(engine) as conn:
         return [dict(r) for r in conn.execute(q).mappings()]
