@@ -58,7 +58,7 @@ def _reset_pg(url: str) -> None:
     with engine.begin() as conn:  # the migration bookkeeping tables are not models
         conn.execute(text("DROP TABLE IF EXISTS ollama_alembic_version, ollama_added_columns"))
     engine.dispose()
-    gallery._cache.clear()  # the next test reflects its own tables
+    gallery.forget_all()  # the next test reflects its own tables
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

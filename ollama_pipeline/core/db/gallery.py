@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -386,21 +387,31 @@ def discover(engine: Engine, library: LibraryConfig) -> Gallery:
                    tag_origin=origin, report=report)
 
 
-_cache: dict[tuple[int, str], Gallery] = {}
 _lock = threading.Lock()
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines holding a discovered gallery
+
+
+def _store(engine: Engine) -> dict[str, Gallery]:
+    """The galleries discovered for this engine, kept on the engine itself (gone with it)."""
+    store = getattr(engine, "_ollama_galleries", None)
+    if store is None:
+        store = {}
+        engine._ollama_galleries = store  # type: ignore[attr-defined]
+        _engines.add(engine)
+    return store
 
 
 def gallery_for(engine: Engine, library: LibraryConfig | None = None, *, refresh: bool = False) -> Gallery:
     """The discovered gallery of this engine (reflected once per engine and mapping)."""
     library = library or getattr(engine, "_ollama_library", None) or LibraryConfig()
-    key = (id(engine), json.dumps(library.model_dump(mode="json"), sort_keys=True))
+    key = json.dumps(library.model_dump(mode="json"), sort_keys=True)
     with _lock:
-        found = None if refresh else _cache.get(key)
+        found = None if refresh else _store(engine).get(key)
     if found is None:
         found = discover(engine, library)
         if found.report.ok:  # a gap is looked at again on next use (after init-db, or a fixed mapping)
             with _lock:
-                _cache[key] = found
+                _store(engine)[key] = found
     return found
 
 
@@ -412,8 +423,14 @@ def bind_library(engine: Engine, library: LibraryConfig) -> None:
 def forget(engine: Engine) -> None:
     """Reflect again on next use (after init-db created or altered tables)."""
     with _lock:
-        for key in [k for k in _cache if k[0] == id(engine)]:
-            del _cache[key]
+        _store(engine).clear()
+
+
+def forget_all() -> None:
+    """Reflect again on next use, for every engine (tests that drop and recreate tables)."""
+    with _lock:
+        for engine in list(_engines):
+            _store(engine).clear()
 
 
 def require_gallery(engine: Engine, library: LibraryConfig | None = None) -> Gallery:
