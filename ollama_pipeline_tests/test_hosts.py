@@ -123,6 +123,8 @@ def test_a_host_killed_mid_run_costs_only_its_in_flight_calls(tmp_path: Path, ho
     assert dead["ok"] + alive["ok"] == len(ids) and alive["failed"] == 0
     health = pipeline.client.health()
     assert health.ok and [h.ok for h in health.hosts] == [False, True]
+    (logged,) = _events(settings.logs_dir, "hosts")  # the run's per-host state, in the jobs log
+    assert [h["up"] for h in logged["hosts"]] == [False, True] and logged["hosts"][1]["ok"] == alive["ok"]
 
 
 def test_a_call_moves_to_a_host_that_serves_its_model(tmp_path: Path, hosts) -> None:

@@ -48,14 +48,16 @@ def _duration(seconds: float) -> str:
 
 def cmd_pilot(args: argparse.Namespace) -> int:
     from ollama_pipeline.app.cli import settings_from_args
-    from ollama_pipeline.core.db.models import Media, OllamaStageResult
+    from ollama_pipeline.core.db.gallery import require_gallery
+    from ollama_pipeline.core.db.models import OllamaStageResult
     from ollama_pipeline.core.errors import ValidationError
     from ollama_pipeline.core.runner import Pipeline, run_stages
 
     settings = settings_from_args(args)
     pipeline = Pipeline.from_settings(settings)
+    media = require_gallery(pipeline.engine)["media"]  # the gallery's own media table, as discovered
     with pipeline.engine.connect() as conn:
-        ids = list(conn.execute(select(Media.id).order_by(Media.id)).scalars())
+        ids = list(conn.execute(select(media.c("id")).order_by(media.c("id"))).scalars())
         done = conn.execute(
             select(func.count()).select_from(
                 select(OllamaStageResult.media_id).where(OllamaStageResult.status == "ok")

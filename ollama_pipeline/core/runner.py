@@ -437,6 +437,13 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()
+    log_hosts(pipeline, run_id, stage.job_type)
+
+
+def log_hosts(pipeline: Pipeline, run_id: str | None, stage: str) -> None:
+    """With several hosts: their state and this process's counters so far, as one `hosts` log event."""
+    if len(pipeline.client.pool.hosts) > 1:
+        pipeline.logs.job_event("hosts", run_id=run_id, job_type=stage, hosts=pipeline.client.host_stats())
 
 
 def _run_vision_item(pipeline: Pipeline, stages: list[Stage], inputs: StageInputs,
@@ -490,6 +497,7 @@ def run_stages(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield from fut.result()
+        log_hosts(pipeline, run_id, ",".join(s.job_type for s in vision))
     for stage in text:
         yield from run_stage(pipeline, stage, ids, force=force, concurrency=concurrency, run_id=run_id,
                              chunk_size=chunk_size)
