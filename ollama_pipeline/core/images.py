@@ -275,6 +275,8 @@ def video_frame(source: Path | bytes, label: str) -> tuple[Image.Image, VideoFac
         start = float(stream.start_time * base) if stream.start_time is not None else 0.0
         try:
             frame, at = _pick_frame(container, stream, base, start, duration)
+        except av.error.DecoderNotFoundError:
+            raise unsupported(label, "its video codec cannot be decoded") from None
         except av.error.FFmpegError as exc:
             raise ValidationError(f"{label} cannot be decoded as a video: {type(exc).__name__}",
                                   code="validation.image_corrupt") from None
