@@ -130,7 +130,7 @@ def test_invalid_format_option_types_field_types_and_num_predict(emulator) -> No
     assert r.status_code == 400
     assert r.json()["error"] == "json: cannot unmarshal number into Go struct field GenerateRequest.prompt of type string"
     client = ollama.Client(host=emulator.base_url)
-    cut = client.generate(model="llama3.2:3b", prompt="tell a story", options={"num_predict": 3})
+    cut = client.generate(model="llama3.2:3b", prompt="Describe a harbour at dawn in detail.", options={"num_predict": 3})
     assert cut.done_reason == "length" and cut.eval_count == 3
 
 
@@ -296,3 +296,12 @@ def test_no_delayed_ack_stall(emulator) -> None:
         times.append(time.perf_counter() - started)
     assert min(times) < 0.030
     assert emulator.stats()["model_calls"] == 51
+
+
+def test_a_client_that_goes_away_frees_its_slot() -> None:
+    """server/sched.go useLoadedRunner: a request ends when its context is done (the client disconnected)."""
+    with EmulatorServer(EmulatorConfig(port=0, parallel=1)) as server:
+        with pytest.raises(httpx.TimeoutException):
+            ollama.Client(host=server.base_url, timeout=0.5).generate(model="llava:7b", prompt="[[fault:hang]]")
+        # the one slot is free again: without the disconnect this call would wait the 120 s hang out
+        assert ollama.Client(host=server.base_url, timeout=20).generate(model="llava:7b", prompt="hi").done

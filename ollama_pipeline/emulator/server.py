@@ -500,9 +500,11 @@ async def completion(request: Request) -> Response:
     try:
         options = proto.check_options(call.raw_options)  # modelOptions → FromMap: a wrong type fails here
         call.options = options
-        placement = await engine.get_runner(call.model, options, call.keep_alive_s)
+        placement = await _unless_disconnected(request, engine.get_runner(call.model, options, call.keep_alive_s))
     except RequestError as exc:
         return _error(exc.status, exc.message)
+    if placement is None:
+        return Response(status_code=499)  # the client went away while it waited (Ollama: "request canceled")
     runner = placement.runner
     try:
         empty = (not call.messages) if chat else not (call.messages[-1].get("content") or "")
@@ -516,11 +518,15 @@ async def completion(request: Request) -> Response:
             runner = None
             return JSONResponse(answer)
         events = _run(state, call, placement, request.headers.get("X-Emulator-Fault"), started)
-        first = await events.__anext__()
+        first = await _unless_disconnected(request, events.__anext__())
     except BaseException:
         if runner is not None:
             engine.release(runner)
         raise
+    if first is None:  # the client went away: its request ends and frees its slot (the Go context is done)
+        await events.aclose()
+        engine.release(runner)
+        return Response(status_code=499)
     if "error" in first and first.get("status"):
         engine.release(runner)
         await events.aclose()
@@ -556,6 +562,32 @@ async def completion(request: Request) -> Response:
                 final["thinking"] = "".join(thinking)
         return JSONResponse(final)
     return StreamingResponse(_ndjson(rest()), media_type="application/x-ndjson")
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """The awaitable's result, or None when the client disconnects first (the awaitable is cancelled), as a
+    Go handler's work ends when its request context is done."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        watch.cancel()
+        raise
+    if work in done:
+        watch.cancel()
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except (asyncio.CancelledError, Exception):
+        pass
+    return None
 
 
 def _prepare(state: State, body: dict[str, Any], chat: bool) -> Call | Response:
