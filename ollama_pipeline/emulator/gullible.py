@@ -16,7 +16,8 @@ only one phrased like "ignore previous instructions". This module plays such a m
    text after the verb, else the rest of that clause; "PWNED" when an override names nothing to say.
 
 It only looks inside the `<data>` blocks of a prompt when there are any (the task text around them is the
-caller's, and obeying that is not gullibility). Standard library only; must not import the pipeline.
+caller's, and obeying that is not gullibility); a prompt without them counts as hijacked only when it
+also holds an override ("ignore", "forget", ...). Standard library only; must not import the pipeline.
 """
 
 from __future__ import annotations
@@ -133,10 +134,20 @@ def _texts(prompt: str) -> list[str]:
     return texts
 
 
+def _overrides(text: str) -> bool:
+    return any(w in OVERRIDE_VERBS for w in _WORD.findall(text))
+
+
 def injected_payload(prompt: str) -> str | None:
-    """What the gullible model says instead of doing its task, or None when the data holds no order."""
+    """What the gullible model says instead of doing its task, or None when the data holds no order.
+
+    A prompt without `<data>` blocks is the caller's own task ("Write a caption"): it counts as hijacked
+    only when it also tells the model to ignore, forget, disregard (... ) something."""
+    quoted = bool(_DATA.search(prompt))
     for raw in _texts(prompt):
         text = read_like_a_model(raw)
+        if not quoted and not _overrides(text):
+            continue
         order = _the_order(text)
         if order is not None:
             return _what_it_asks_for(text, *order)[:_OBEYED_MAX].strip() or "PWNED"
