@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install browser jsclient demo test lint bench ui clean
+.PHONY: install browser jsclient demo test lint bench ui screenshots clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,8 +44,17 @@ lint: install
 bench: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/ollama-pipeline bench $(BENCH_ARGS)
 
+# make ui WEB_PORT=8081 DAGSTER_PORT=3001 (HOST=... too); empty means the defaults 8080 / 3000 / 127.0.0.1.
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/ollama-pipeline ui
+	$(BIN)/ollama-pipeline ui $(if $(WEB_PORT),--web-port $(WEB_PORT)) $(if $(DAGSTER_PORT),--dagster-port $(DAGSTER_PORT)) $(if $(HOST),--host $(HOST))
+
+# The README's pictures: the browser tests write them to test-artifacts/ (tests never touch tracked
+# files); this copies them to docs/screenshots/.
+SCREENSHOTS := gallery.png item.png dagster_asset_graph.png
+screenshots: install browser
+	$(BIN)/python -m pytest -q -p no:cacheprovider ollama_pipeline_tests/test_browser.py
+	mkdir -p docs/screenshots
+	cd test-artifacts && cp $(SCREENSHOTS) ../docs/screenshots/
 
 clean:
 	rm -rf demo .dagster_home bench_results exports test-artifacts .node LOGS/*.jsonl

@@ -20,6 +20,45 @@ from ollama_pipeline.core.db.models import Base
 PG_ADMIN_URL = os.environ.get("OLLAMA_PIPELINE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tracked_outputs() -> dict[str, tuple[int, int]] | None:
+    """mtime and size of the tracked files a test could overwrite by mistake: everything but the code and
+    Markdown (which a developer may be editing while the suite runs). None outside a git checkout."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    state: dict[str, tuple[int, int]] = {}
+    for raw in listed.stdout.split(b"\0"):
+        name = raw.decode("utf-8", "surrogateescape")
+        if not name or name.endswith(".md") or name.startswith(("ollama_pipeline/", "ollama_pipeline_tests/")):
+            continue
+        try:
+            st = (REPO / name).stat()
+        except FileNotFoundError:
+            st = None
+        state[name] = (st.st_mtime_ns, st.st_size) if st else (0, -1)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracked_files_stay_unchanged() -> Iterator[None]:
+    """`make test` never modifies tracked files (issue 11 item 15): screenshots and other outputs go to
+    tmp_path or test-artifacts/. Checked once at the end of the session."""
+    before = _tracked_outputs()
+    yield
+    after = _tracked_outputs()
+    if before is not None and after is not None:
+        changed = sorted(name for name in before.keys() & after.keys() if before[name] != after[name])
+        assert not changed, f"the test run modified tracked files: {changed}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads a user's config, OLLAMA_HOST or API key."""

@@ -3,7 +3,7 @@
 The first test serves the web UI with uvicorn over a demo library whose stages ran against the emulator,
 and clicks through it as a user would (gallery, filter, item page, re-run, queue); the second starts the
 Dagster webserver on the project's definitions and checks the asset lineage and the partitions page.
-Screenshots go to `test-artifacts/` and are copied to `docs/screenshots/` for the README.
+Screenshots go to `test-artifacts/` only; `make screenshots` copies the README's pictures to `docs/screenshots/`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from ollama_pipeline_tests.test_web import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -53,12 +52,11 @@ def _free_port() -> int:
 
 
 def save_screenshot(page: Page, name: str, *, full_page: bool = False) -> Path:
-    """Screenshot into test-artifacts/ and a copy into docs/screenshots/."""
+    """Screenshot into test-artifacts/ only (tests never touch tracked files; `make screenshots` copies the
+    README's pictures to docs/screenshots/)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     target = ARTIFACTS / name
     page.screenshot(path=str(target), full_page=full_page)
-    shutil.copyfile(target, SCREENSHOTS / name)
     return target
 
 
@@ -142,6 +140,12 @@ def test_gallery_filter_item_rerun_and_queue_in_a_real_browser(browser: Browser,
         library.text(first, "ollama.caption"))
     for stage in STAGES:
         expect(page.locator("section.provenance")).to_contain_text(stage)
+    names = page.locator('section.meta[id="ollama.tags_normalized"] .tag .name')
+    assert names.count() > 0
+    for index in range(names.count()):  # each tag name on one line (it once wrapped letter by letter)
+        box = names.nth(index).bounding_box()
+        line = float(names.nth(index).evaluate("e => parseFloat(getComputedStyle(e).lineHeight) || 20"))
+        assert box is not None and box["height"] < 1.6 * line, (names.nth(index).inner_text(), box)
     wait_for_images(page)
     save_screenshot(page, "item.png", full_page=True)
 

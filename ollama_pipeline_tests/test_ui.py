@@ -185,10 +185,8 @@ def test_ui_serves_the_demo_results_and_dagster_then_sigterm_stops_everything(
 
     started = _descendants(proc.pid)
     assert len(started) >= 4, "web UI, dagster dev, its webserver and its daemon"
-    sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 0, out.read_text()
-    assert time.monotonic() - sent < 20
+    assert proc.wait(timeout=20) == 0, out.read_text()  # the deadline of the wait, not a timing claim
     assert _still_running(started) == [], out.read_text()
     assert not _answers(f"{web}/healthz") and not _answers(f"{dagster}/server_info")
     printed = out.read_text()

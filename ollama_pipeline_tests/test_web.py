@@ -278,6 +278,7 @@ def test_keyset_paging_walks_forward_and_back_without_gaps(client: TestClient, l
     page = queries.gallery_page(library.engine, queries.GalleryFilters(), limit=5)
     pages = [page]
     while True:
+        assert len(pages) <= len(every) + 1, "paging does not end"
         seen.extend(c.id for c in page.cards)
         if page.next_after is None:
             break
@@ -690,8 +691,10 @@ def test_cli_serves_on_loopback_and_refuses_a_public_host_without_token(library:
 # ---- scale -----------------------------------------------------------------------------------------
 
 
-def test_gallery_page_query_stays_fast_on_100000_items(tmp_path: Path) -> None:
-    """A keyset page (first, middle, with a filter) takes well under 200 ms on 100,000 media rows."""
+def test_gallery_pages_are_right_on_100000_items(tmp_path: Path) -> None:
+    """Keyset pages (first, middle, last, filtered, searched) on 100,000 media rows hold the right items.
+
+    Their speed is measured by the benchmark (`python -m ollama_pipeline.bench.web_queries`), not here."""
     engine = make_engine(f"sqlite:///{tmp_path / 'big.db'}")
     init_db(engine)
     n = 100_000
@@ -714,15 +717,10 @@ def test_gallery_page_query_stays_fast_on_100000_items(tmp_path: Path) -> None:
         "stage never run": (queries.GalleryFilters(stage="ollama_caption", stage_status="never"), 60_000),
     }
     for name, (filters, after) in cases.items():
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            page = queries.gallery_page(engine, filters, after=after)
-            best = min(best, time.perf_counter() - started)
+        page = queries.gallery_page(engine, filters, after=after)
         assert page.cards, name
-        assert best < 0.2, f"{name}: {best * 1000:.0f} ms"
-    # A search matching one item in 100,000 has to look at every caption: still well under a second.
-    started = time.perf_counter()
+        if after is not None:
+            assert all(c.id < after for c in page.cards) or all(c.id > after for c in page.cards), name
     rare = queries.gallery_page(engine, queries.GalleryFilters(q="fox 99999"))
-    assert [c.id for c in rare.cards] == [99999] and time.perf_counter() - started < 1.0
+    assert [c.id for c in rare.cards] == [99999]
     engine.dispose()

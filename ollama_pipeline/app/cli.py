@@ -193,7 +193,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from ollama_pipeline.core.selection import positive_int
 
     parser = Parser(prog="ollama-pipeline", description=__doc__.splitlines()[0])
@@ -254,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: <logs_dir>/../exports/ollama_export.jsonl)")
     p.set_defaults(handler=_cmd_export)
 
-    for module in ("ollama_pipeline.app.cli_jobs", "ollama_pipeline.app.web.cli", "ollama_pipeline.bench",
-                   "ollama_pipeline.app.docs", "ollama_pipeline.app.ui", "ollama_pipeline.app.pilot"):
+    # Modules register their commands; for one command only the modules up to the one that has it are
+    # imported (the bench imports Dagster: a second of start-up that `jobs counts` does not need).
+    command = _command_word(argv)
+    for module in ("ollama_pipeline.app.cli_jobs", "ollama_pipeline.app.web.cli", "ollama_pipeline.app.docs",
+                   "ollama_pipeline.app.ui", "ollama_pipeline.app.pilot", "ollama_pipeline.bench"):
+        if command is not None and command in sub.choices:
+            break
         try:
             register = __import__(module, fromlist=["register"]).register
         except ModuleNotFoundError as exc:
@@ -266,8 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_word(argv: list[str] | None) -> str | None:
+    """The subcommand named in argv (None when argv is None or names none, e.g. `--help`)."""
+    args = list(argv or [])
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            if args:
+                args.pop(0)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -1,5 +1,6 @@
 """`make demo`: a demo library in SQLite, the emulator when no real Ollama is configured, every stage
-materialized through Dagster, the export feed, and a summary of where the results are."""
+materialized through Dagster, then the export feed and the report (`ollama_export`, `ollama_report`)
+materialized through Dagster too, and a summary of where the results are."""
 
 from __future__ import annotations
 
@@ -66,10 +67,9 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
              layout: str = "pipeline") -> int:
     """Build the demo library and run the chosen stages on it through Dagster; prints a summary."""
     from ollama_pipeline.app.demo_library import build_demo_library
-    from ollama_pipeline.app.orchestrate import parse_stage_list, run_stages_through_dagster
+    from ollama_pipeline.app.orchestrate import dagster_instance, parse_stage_list, run_stages_through_dagster
     from ollama_pipeline.core.client import OllamaClient
     from ollama_pipeline.core.db.engine import init_db, make_engine
-    from ollama_pipeline.core.export import write_export
 
     user_config = config or os.environ.get(CONFIG_ENV) or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists()
                                                            else None)
@@ -105,23 +105,28 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
         summary = run_stages_through_dagster(settings, parse_stage_list(stages), media_ids=None,
                                              config_path=str(config_file.resolve()))
         print(summary.render())
-        from ollama_pipeline.defs.launch import resolve_asset_names
+        from ollama_pipeline.defs.launch import materialize_downstream, resolve_asset_names
 
         valid, total, problems = verify_outputs(engine, resolve_asset_names(parse_stage_list(stages),
                                                                             include_media=False))
         print(f"outputs: {valid}/{total} items hold every ollama.* key of the stages run, each valid against "
               f"its stored schema" + (f"; problems: {problems[:5]}" if problems else ""))
-        export_path, exported = write_export(settings)
+        downstream = materialize_downstream(str(config_file.resolve()), dagster_instance())
+        export = downstream.metadata.get("ollama_export", {})
+        report_md = downstream.metadata.get("ollama_report", {}).get("report_md", "-")
+        print(f"ollama_export, ollama_report: Dagster run {downstream.run_id[:8]} "
+              + ("ok" if downstream.success else f"FAILED: {downstream.failure}"))
         print("\nresults:")
         print(f"  database      {settings.database.url}  (table media_meta, keys ollama.*; "
               f"{layout} layout)")
-        print(f"  export feed   {export_path}  ({exported} lines)")
+        print(f"  export feed   {export.get('path', '-')}  ({export.get('items', 0)} lines)")
+        print(f"  report        {report_md}")
         print(f"  logs          {settings.logs_dir}/ollama_jobs.jsonl, ollama_errors.jsonl")
         print("  Dagster UI    make ui   (runs, lineage, partitions)")
         if server is not None:
             stats = server.stats()
             print(f"  emulator      {stats.get('model_calls')} model calls served")
-        return 0 if summary.ok and valid == total else 1
+        return 0 if summary.ok and valid == total and downstream.success else 1
     finally:
         if server is not None:
             server.stop()

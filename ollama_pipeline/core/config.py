@@ -19,6 +19,7 @@ from ollama_pipeline.core.errors import ConfigError
 
 CONFIG_ENV = "OLLAMA_PIPELINE_CONFIG"
 DEFAULT_CONFIG_FILE = "ollama_pipeline.yaml"
+DEMO_CONFIG_FILE = "demo/ollama_pipeline.yaml"  # written by `ollama-pipeline demo`
 ENV_PREFIX = "OLLAMA_PIPELINE__"
 
 
@@ -227,8 +228,14 @@ def _describe(error: ValidationError) -> str:
 
 
 def config_path(env: dict[str, str] | None = None) -> Path:
+    """$OLLAMA_PIPELINE_CONFIG, else ./ollama_pipeline.yaml, else the demo's (written by `make demo`), so
+    every documented command works after `make demo` without a configuration of the user's."""
     env = dict(os.environ) if env is None else env
-    return Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    if not Path(DEFAULT_CONFIG_FILE).is_file() and Path(DEMO_CONFIG_FILE).is_file():
+        return Path(DEMO_CONFIG_FILE)
+    return Path(DEFAULT_CONFIG_FILE)
 
 
 def settings_from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config") -> Settings:

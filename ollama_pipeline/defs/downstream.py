@@ -8,7 +8,11 @@
   `reports/ollama_report.md` and `.json` beside `exports/`.
 
 Both read the whole library, so they depend on every stage asset (all partitions) and are not
-partitioned. They are kept out of `assets.all_assets`, whose implicit job `launch.materialize_stages`
+partitioned. They are kept fresh on a schedule, not after every run (the feed of 100,000 items takes
+about 23 s): `DOWNSTREAM_CONDITION` (declarative automation) requests them at a tick of `DOWNSTREAM_CRON`
+when a stage asset was updated since they were last materialized, or when they were never materialized;
+`downstream_automation_sensor` (running by default; needs the Dagster daemon, which `dagster dev` starts)
+evaluates it. `make demo` materializes both once at its end. They are kept out of `assets.all_assets`, whose implicit job `launch.materialize_stages`
 runs over partition ranges; `definitions.py` adds them. The asset bodies call the core only.
 """
 
@@ -18,7 +22,11 @@ from pathlib import Path
 from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
     DataVersion,
+    DefaultSensorStatus,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -39,6 +47,23 @@ from ollama_pipeline.defs.resources import PipelineResource
 
 DOWNSTREAM_GROUP = "ollama_downstream"
 STAGE_KEYS = [spec.key for spec in ollama_stage_assets]
+DOWNSTREAM_CRON = "0 * * * *"  # hourly, on the hour (UTC)
+
+
+def refresh_on_cron(cron: str) -> AutomationCondition:
+    """At a tick of `cron`: request the asset when any dependency was updated since the asset was last
+    requested or updated, or when it has never been materialized; never while it or a dependency is in a
+    run (then the next tick). Unlike `AutomationCondition.on_cron`, one updated stage is enough (not every
+    stage since the tick), and an update after the tick waits for the next tick."""
+    return (
+        AutomationCondition.cron_tick_passed(cron)  # only on the evaluation the tick falls in
+        & (AutomationCondition.any_deps_updated() | AutomationCondition.missing()).since_last_handled()
+        & ~AutomationCondition.in_progress()
+        & ~AutomationCondition.any_deps_in_progress()
+    ).with_label(f"refresh_on_cron({cron})")
+
+
+DOWNSTREAM_CONDITION = refresh_on_cron(DOWNSTREAM_CRON)
 
 
 def file_sha256(path: Path) -> str:
@@ -49,7 +74,7 @@ def file_sha256(path: Path) -> str:
 
 @asset(
     name="ollama_export", group_name=DOWNSTREAM_GROUP, deps=STAGE_KEYS, kinds={"json"},
-    code_version=EXPORT_SCHEMA,
+    code_version=EXPORT_SCHEMA, automation_condition=DOWNSTREAM_CONDITION,
     description="The export feed for third-party systems (§2): `exports/ollama_export.jsonl`, one JSON object "
     "per media item with every `ollama.*` value and per-stage provenance, ordered by media id, replaced "
     "atomically. Byte-identical for an unchanged library; its data version is the file's SHA-256. "
@@ -70,7 +95,7 @@ def ollama_export(context: AssetExecutionContext, pipeline: PipelineResource) ->
 
 @asset(
     name="ollama_report", group_name=DOWNSTREAM_GROUP, deps=STAGE_KEYS, kinds={"pandas"},
-    code_version=REPORT_FORMAT,
+    code_version=REPORT_FORMAT, automation_condition=DOWNSTREAM_CONDITION,
     description=f"A report of the whole library: top {TOP_TAGS} normalized tags, quality verdicts and score "
     "distribution, named score distributions, policy outcomes, and per stage the items by status with "
     "latency and tokens. Shown as Markdown tables and key figures (plotted across materializations); also "
@@ -92,3 +117,10 @@ def ollama_report(context: AssetExecutionContext, pipeline: PipelineResource) ->
 
 
 downstream_assets: list[AssetsDefinition] = [ollama_export, ollama_report]
+
+downstream_automation_sensor = AutomationConditionSensorDefinition(
+    "ollama_downstream_automation", target=AssetSelection.assets(*downstream_assets),
+    default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=60,
+    description=f"Keeps ollama_export and ollama_report fresh: at each tick of `{DOWNSTREAM_CRON}` (UTC) it "
+    "requests them when a stage asset changed since their last materialization.",
+)

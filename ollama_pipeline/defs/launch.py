@@ -141,3 +141,37 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
                                        success=result.success, failure=failure))
     summary.counts = {name: {s: counts[name].get(s, 0) for s in STATUSES} for name in names}
     return summary
+
+
+class DownstreamSummary(BaseModel):
+    """The Dagster run that materialized ollama_export and ollama_report."""
+
+    run_id: str
+    success: bool
+    metadata: dict[str, dict[str, object]] = Field(default_factory=dict)  # asset -> a few values
+    failure: str | None = None
+
+
+def materialize_downstream(settings: Settings | str | Path | None, instance: DagsterInstance, *,
+                           log_level: str = "WARNING") -> DownstreamSummary:
+    """Materialize `ollama_export` and `ollama_report` in one in-process run on `instance` (what
+    `dagster asset materialize --select ollama_export,ollama_report` does), so the UI shows them."""
+    from ollama_pipeline.defs.downstream import downstream_assets
+
+    resource = _resource(settings)
+    defs = Definitions(assets=[*all_assets, *downstream_assets], resources={"pipeline": resource},
+                       executor=in_process_executor)
+    job = defs.resolve_implicit_global_asset_job_def()
+    keys = [key for assets in downstream_assets for key in assets.keys]
+    result = job.execute_in_process(instance=instance, asset_selection=keys, raise_on_error=False,
+                                    run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
+    metadata: dict[str, dict[str, object]] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        metadata[materialization.asset_key.to_user_string()] = {
+            name: getattr(value, "value", value) for name, value in materialization.metadata.items()
+            if name in ("path", "items", "bytes", "sha256", "report_md")}
+    failure = None
+    if not result.success:
+        failure = "; ".join(e.message.strip() for e in result.all_events if e.is_failure and e.message)[:500]
+    return DownstreamSummary(run_id=result.run_id, success=result.success, metadata=metadata, failure=failure)
