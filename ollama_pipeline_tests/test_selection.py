@@ -152,12 +152,13 @@ def test_enqueue_of_a_twenty_million_id_range_queues_the_existing_items_in_bound
 
 
 def test_enqueue_stopped_by_a_queue_limit_reports_exactly_which_items_it_queued(
-        sqlite_url: str, settings_factory: Callable[..., Settings], tmp_path: Path,
+        db_url: str, settings_factory: Callable[..., Settings], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """max_queued=4, `enqueue … all` over six items: four queued, the report names the last one, exit 2."""
+    """max_queued=4, `enqueue … all` over six items: four queued, the report names the last one, exit 2
+    (SQLite and PostgreSQL); a second enqueue of the same items deduplicates the four."""
     from ollama_pipeline.app.demo_library import add_media_rows
 
-    settings = settings_factory(sqlite_url, pipeline__queue={"max_queued": 4})
+    settings = settings_factory(db_url, pipeline__queue={"max_queued": 4})
     pipeline = Pipeline.from_settings(settings)
     ids = sorted(add_media_rows(pipeline.engine, settings.media_root, 6).media_ids)
     code, out, err = _cli(capsys, _config(tmp_path, settings), "enqueue", "ollama_caption", "all", "--quiet")
@@ -168,6 +169,9 @@ def test_enqueue_stopped_by_a_queue_limit_reports_exactly_which_items_it_queued(
     with pipeline.engine.connect() as conn:
         queued = sorted(conn.execute(select(OllamaJob.media_id)).scalars())
     assert queued == ids[:4]
+    code, out, _err = _cli(capsys, _config(tmp_path, settings), "enqueue", "ollama_caption",
+                           f"{ids[0]}-{ids[3]}", "--quiet")
+    assert code == 0 and out.strip() == "enqueue: 0 queued, 4 deduplicated"
 
 
 def test_listed_ids_missing_from_the_library_are_named_and_nothing_is_queued(
