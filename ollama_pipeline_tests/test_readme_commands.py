@@ -34,10 +34,13 @@ SKIPS: tuple[tuple[str, str], ...] = (
     (r"\bollama-pipeline\s+(ui|web|emulator)\b", "a long-running server"),
     (r"\bmake\s+ui\b", "a long-running UI server"),
 )
-# What a comment tells the user to edit after a command, done the way a user would for the demo library.
+# What a comment tells the user to edit after a command ("set base_url, database.url, media_root"), done
+# the way a user of this machine would: the demo library, and the demo's Ollama settings (the base URL
+# itself comes from the environment: the emulator).
 EDITS: tuple[tuple[str, dict[str, Any]], ...] = (
     (r"^cp\s+ollama_pipeline\.example\.yaml\s+ollama_pipeline\.yaml\b",
-     {"database": {"url": "sqlite:///demo/library.db"}, "media_root": "demo/media", "logs_dir": "LOGS"}),
+     {"database": {"url": "sqlite:///demo/library.db"}, "media_root": "demo/media", "logs_dir": "LOGS",
+      "ollama": "<the demo's>"}),
 )
 
 
@@ -155,7 +158,9 @@ def _run(command: Command, cwd: Path, env: dict[str, str]) -> subprocess.Complet
     if command.edits and proc.returncode == 0:
         path = cwd / "ollama_pipeline.yaml"
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        _merge(data, command.edits)
+        demo = yaml.safe_load((cwd / "demo" / "ollama_pipeline.yaml").read_text(encoding="utf-8"))
+        edits = {k: (demo[k] if v == "<the demo's>" else v) for k, v in command.edits.items()}
+        _merge(data, edits)
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return proc
 
@@ -165,10 +170,25 @@ def _run(command: Command, cwd: Path, env: dict[str, str]) -> subprocess.Complet
     [pytest.param(c, id=f"{c.section.split()[0]}{c.index}: {c.line[:70]}",
                   marks=[pytest.mark.skip(reason=c.skip)] if c.skip else [])
      for c in COMMANDS])
-def test_readme_command_runs_as_written(command: Command, sections: _Sections, emulator_server: Any) -> None:
+@pytest.fixture(scope="module")
+def gpu_emulator() -> Iterator[Any]:
+    """The machine's "Ollama" for the documented commands: the emulator playing the demo's 24 GiB GPU."""
+    from ollama_pipeline.app.demo import DEMO_VRAM_GIB
+    from ollama_pipeline.emulator import EmulatorConfig, EmulatorServer
+
+    server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, latency_ms=0, parallel=8,
+                                           vram_gib=DEMO_VRAM_GIB))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_readme_command_runs_as_written(command: Command, sections: _Sections, gpu_emulator: Any) -> None:
     """The documented command exits 0 and prints no traceback (earlier commands of its section first)."""
     cwd = sections.workdir(command.section)
-    env = _env(emulator_server.base_url)
+    env = _env(gpu_emulator.base_url)
     earlier = [c for c in COMMANDS if c.section == command.section and c.index < command.index and not c.skip]
     for before in earlier[sections.ran[command.section]:]:
         _run(before, cwd, env)

@@ -17,6 +17,10 @@ from ollama_pipeline.core.config import CONFIG_ENV, DEFAULT_CONFIG_FILE, load_se
 
 DEMO_DIR = Path("demo")
 BASE_URL_ENV = "OLLAMA_PIPELINE__OLLAMA__BASE_URL"
+# The demo's emulator plays a 24 GiB GPU, whose Ollama default context is 32k tokens: a duplicate-assist
+# request (up to four llava images and the prompt, ~6,000 tokens) does not fit the 4k default of a
+# smaller card, which refuses it with HTTP 400 (until the pipeline sizes num_ctx itself).
+DEMO_VRAM_GIB = 24
 
 
 def _demo_config(path: Path) -> None:
@@ -84,7 +88,8 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
     if use_emulator:
         from ollama_pipeline.emulator import EmulatorConfig, EmulatorServer
 
-        server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, latency_ms=0, parallel=8))
+        server = EmulatorServer(EmulatorConfig(host="127.0.0.1", port=0, latency_ms=0, parallel=8,
+                                               vram_gib=DEMO_VRAM_GIB))
         server.start()
         os.environ[BASE_URL_ENV] = server.base_url
         print(f"no Ollama configured: using the bundled emulator at {server.base_url}")
