@@ -83,6 +83,7 @@ BAD_INPUTS: list[tuple[str, ...]] = [
     ("jobs", "list", "--type", "bogus"),
     ("jobs", "retry", "0"),
     ("jobs", "cancel", "x"),
+    ("jobs", "problems", "--limit", "0"),
     ("demo-library", "--count", "-1"),
 ]
 

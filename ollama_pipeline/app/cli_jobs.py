@@ -288,7 +288,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("job_id", type=positive["JOB_ID"])
     p.set_defaults(handler=cmd_jobs_cancel)
     p = jsub.add_parser("problems", help="items to fix: file missing, unreadable or of an unsupported media type")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=positive["--limit"], default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_jobs_problems)
     p = jsub.add_parser("counts", help="jobs per status and job type")
