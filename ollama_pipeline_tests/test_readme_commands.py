@@ -165,11 +165,6 @@ def _run(command: Command, cwd: Path, env: dict[str, str]) -> subprocess.Complet
     return proc
 
 
-@pytest.mark.parametrize(
-    "command",
-    [pytest.param(c, id=f"{c.section.split()[0]}{c.index}: {c.line[:70]}",
-                  marks=[pytest.mark.skip(reason=c.skip)] if c.skip else [])
-     for c in COMMANDS])
 @pytest.fixture(scope="module")
 def gpu_emulator() -> Iterator[Any]:
     """The machine's "Ollama" for the documented commands: the emulator playing the demo's 24 GiB GPU."""
@@ -185,6 +180,11 @@ def gpu_emulator() -> Iterator[Any]:
         server.stop()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [pytest.param(c, id=f"{c.section.split()[0]}{c.index}: {c.line[:70]}",
+                  marks=[pytest.mark.skip(reason=c.skip)] if c.skip else [])
+     for c in COMMANDS])
 def test_readme_command_runs_as_written(command: Command, sections: _Sections, gpu_emulator: Any) -> None:
     """The documented command exits 0 and prints no traceback (earlier commands of its section first)."""
     cwd = sections.workdir(command.section)
