@@ -34,16 +34,3 @@ def test_make_screenshots_copies_the_browser_tests_pictures_into_docs() -> None:
     recipe = _dry_run("screenshots")
     assert "test_browser.py" in recipe
     assert "docs/screenshots" in recipe and "gallery.png item.png dagster_asset_graph.png" in recipe
-
-
-def test_make_ui_lineage_link_opens_every_asset_group_of_the_code_location() -> None:
-    """The lineage link `make ui` prints names every group of the definitions, so none opens collapsed."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from ollama_pipeline.app.ui import lineage_path
-    from ollama_pipeline.definitions import defs
-
-    groups = {spec.group_name for spec in defs.resolve_all_asset_specs()}
-    expanded = parse_qs(urlsplit(lineage_path()).query)["expanded"][0].split(",")
-    assert {e.split(":", 1)[1] for e in expanded} == groups
-    assert all(e.startswith("__repository__@ollama_pipeline:") for e in expanded)

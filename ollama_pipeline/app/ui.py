@@ -32,8 +32,6 @@ from ollama_pipeline.app.supervise import (
 from ollama_pipeline.core.config import CONFIG_ENV, DEFAULT_CONFIG_FILE, ENV_PREFIX, Settings, load_settings
 
 WEB_PORT = 8080  # `ollama-pipeline web`'s default
-DAGSTER_REPOSITORY = "__repository__"  # the repository name Dagster gives a Definitions object
-DAGSTER_LOCATION = "ollama_pipeline"  # workspace.yaml's location_name
 DAGSTER_PORT = 3000  # `dagster dev`'s default, and pipeline.dagster_ui_url's
 DAGSTER_UI_URL_ENV = f"{ENV_PREFIX}PIPELINE__DAGSTER_UI_URL"
 WORKSPACE = Path(__file__).resolve().parents[2] / "workspace.yaml"
@@ -125,20 +123,6 @@ def start_servers(args: argparse.Namespace, settings: Settings, env: dict[str, s
     return children
 
 
-def lineage_path() -> str:
-    """The Dagster UI's global asset lineage with every asset group expanded (it opens them collapsed).
-
-    The UI reads the open groups from its `expanded` query parameter, one `repository@location:group`
-    id per group; the groups are the registry's stage groups plus `library` and `ollama_downstream`."""
-    from urllib.parse import quote
-
-    from ollama_pipeline.core.stages import STAGES
-
-    groups = ["library", *dict.fromkeys(stage.group for stage in STAGES.values()), "ollama_downstream"]
-    ids = ",".join(f"{DAGSTER_REPOSITORY}@{DAGSTER_LOCATION}:{group}" for group in groups)
-    return "/asset-groups?expanded=" + quote(ids, safe=",")
-
-
 def _print_failure(child: Child, reason: str) -> None:
     print(f"error: {child.name} {reason}\nlast lines of its output ({child.log_path}):", file=sys.stderr)
     print("\n".join("  | " + line for line in (child.tail() or "(none)").splitlines()), file=sys.stderr)
@@ -150,7 +134,6 @@ def _print_ready(args: argparse.Namespace, children: list[Child], config: UiConf
     print(f"  results web UI  {url_of(args.host, args.web_port)}")
     if not args.no_dagster:
         print(f"  Dagster UI      {url_of(args.host, args.dagster_port)}  (runs, lineage, partitions)")
-        print(f"  asset lineage   {url_of(args.host, args.dagster_port)}{lineage_path()}  (every group open)")
     print(f"  Ollama          {ollama}")
     print(f"  settings        {config.path}" + ("" if config.users else "  (the demo's)"))
     print(f"  library         {note}")
