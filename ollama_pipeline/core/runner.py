@@ -106,12 +106,13 @@ class Pipeline:
                              think=False, num_ctx=self.settings.ollama.num_ctx or DEFAULT_NUM_CTX,
                              keep_alive=self.settings.ollama.keep_alive)
 
-    def warm_up(self, stage: Stage, model: str | None = None) -> None:
-        """Load the stage's model with the run's options before the first item (ollama.warm_up)."""
+    def warm_up(self, stage: Stage, model: str | None = None, **fields: Any) -> None:
+        """Load the stage's model with the run's options before an item's first call (ollama.warm_up); the
+        log event names the job, run and item that waited for the load."""
         if self.settings.ollama.warm_up:
             loaded = self.client.warm_up(self.options_for(stage, model))
             if loaded:
-                self.logs.job_event("model_loaded", model=model or self.model_for(stage), hosts=loaded)
+                self.logs.job_event("model_loaded", model=model or self.model_for(stage), hosts=loaded, **fields)
 
     def persist(self, media_id: int, result: StageResult, *, force: bool = False) -> dict[str, Any]:
         """The one write path: the result is checked against the stored schemas, then written (force:
@@ -332,7 +333,8 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
             return done(_persist_output(pipeline, stage, inputs, refreshed, model=model, fingerprint=fingerprint,
                                         metrics=metrics, started=started, job_id=job_id, run_id=run_id))
         loading = time.perf_counter()
-        pipeline.warm_up(stage, model)  # once per model and host; not on this item's clock
+        pipeline.warm_up(stage, model, job_id=job_id, run_id=run_id, media_id=media_id,
+                         job_type=stage.job_type)  # once per model and host; not on this item's clock
         started += time.perf_counter() - loading
         prepared: dict[int, str] = {}
         answers: dict[str, BaseModel] = {}
