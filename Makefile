@@ -4,7 +4,14 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install browser jsclient demo test lint bench ui screenshots clean
+.PHONY: install browser jsclient demo test lint bench ui screenshots clean test-compat
+
+# The Dagster-facing tests on the lowest and the highest release of the supported range, each in its own
+# virtual environment (not part of `make test`). The sets are the matching dagster/webserver/postgres releases.
+COMPAT_LOW := dagster==1.13.0 dagster-webserver==1.13.0 dagster-postgres==0.29.0
+COMPAT_HIGH := dagster==1.13.27 dagster-webserver==1.13.27 dagster-postgres==0.29.27
+COMPAT_TESTS := ollama_pipeline_tests/test_dagster_defs.py ollama_pipeline_tests/test_dagster_jobs.py \
+  ollama_pipeline_tests/test_run_safety.py ollama_pipeline_tests/test_layers.py ollama_pipeline_tests/test_downstream.py
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +65,15 @@ screenshots: install browser
 
 clean:
 	rm -rf demo .dagster_home bench_results exports test-artifacts .node LOGS/*.jsonl
+
+.venv-compat-%/.installed: pyproject.toml
+	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*
+	.venv-compat-$*/bin/python -m pip install -q --upgrade pip
+	.venv-compat-$*/bin/python -m pip install -q -e '.[test]' $(if $(filter low,$*),$(COMPAT_LOW),$(COMPAT_HIGH))
+	touch $@
+
+test-compat: .venv-compat-low/.installed .venv-compat-high/.installed $(DAGSTER_HOME)/dagster.yaml
+	@for end in low high; do \
+	  echo "== $$end: $$(.venv-compat-$$end/bin/python -c 'import dagster, dagster_webserver, dagster_postgres as p; print("dagster", dagster.__version__, "webserver", dagster_webserver.__version__, "postgres", p.__version__)')"; \
+	  .venv-compat-$$end/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
+	done

@@ -9,13 +9,13 @@ from dagster import Definitions, in_process_executor
 
 from ollama_pipeline.defs.assets import all_assets
 from ollama_pipeline.defs.downstream import downstream_assets, downstream_automation_sensor
-from ollama_pipeline.defs.job_sensors import job_runs_sensor, ollama_refresh_schedule, queued_jobs_sensor
+from ollama_pipeline.defs.job_sensors import ollama_refresh_schedule, queued_jobs_sensor
 from ollama_pipeline.defs.resources import PipelineResource
 from ollama_pipeline.defs.sensors import new_media_sensor
 
 defs = Definitions(
     assets=[*all_assets, *downstream_assets],
-    sensors=[new_media_sensor, queued_jobs_sensor, job_runs_sensor, downstream_automation_sensor],
+    sensors=[new_media_sensor, queued_jobs_sensor, downstream_automation_sensor],
     schedules=[ollama_refresh_schedule],
     resources={"pipeline": PipelineResource()},
     executor=in_process_executor,

@@ -195,14 +195,11 @@ def engine_for() -> Iterator[Callable[[str], Engine]]:
 
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
-    """A real SQLite Dagster instance in a temporary DAGSTER_HOME, with the event log storage the project
-    ships in dagster.yaml (batched writes)."""
+    """A real SQLite Dagster instance (Dagster's own storage, as the shipped dagster.yaml leaves it) in a
+    temporary DAGSTER_HOME."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    storage = {"module": "ollama_pipeline.defs.event_storage", "class": "BatchedSqliteEventLogStorage",
-               "config": {"base_dir": str(home / "history" / "runs")}}
-    with instance_for_test(temp_dir=str(home), overrides={"event_log_storage": storage}) as inst:
-        assert type(inst.event_log_storage).__name__ == "BatchedSqliteEventLogStorage"
+    with instance_for_test(temp_dir=str(home)) as inst:
         yield inst
 
 

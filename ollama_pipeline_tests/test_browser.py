@@ -29,6 +29,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from ollama_pipeline.app.web.app import create_app
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.stages import STAGES, all_meta_keys
 from ollama_pipeline_tests.test_web import (
     RERUN_STAGE,
@@ -187,15 +188,16 @@ def dagster_url(library: WebLibrary, tmp_path_factory: pytest.TempPathFactory) -
     """dagster-webserver on the project's workspace, with a fresh instance that knows the media partitions."""
     from dagster import DagsterInstance
 
-    from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME, media_key
+    from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME
 
     home = tmp_path_factory.mktemp("dagster_home")
     shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     saved = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(home)  # the shipped event storage keeps its files under $DAGSTER_HOME
+    os.environ["DAGSTER_HOME"] = str(home)
     try:
         instance = DagsterInstance.from_config(str(home))
-        instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, [media_key(i) for i in library.demo_ids])
+        keys = Partitioning(size=library.settings.pipeline.partition_size).keys_of(library.demo_ids)
+        instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, keys)
         instance.dispose()
     finally:
         if saved is None:
@@ -256,7 +258,8 @@ def _skip_community_dialog(page: Page) -> None:
 
 def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, dagster_url: str,
                                                              library: WebLibrary) -> None:
-    """The global lineage graph shows `media` and every stage asset with edges; a stage lists the media items."""
+    """The global lineage graph shows `media` and every stage asset with edges; a stage lists its partitions
+    (blocks of media items)."""
     context = browser.new_context(viewport={"width": 1900, "height": 2000})
     page = context.new_page()
     page.set_default_timeout(30_000)
@@ -265,7 +268,6 @@ def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, d
     _skip_community_dialog(page)
     graph = page.locator("svg[class*=AssetGraphExplorer_svgContainer]")
     expect(graph).to_be_visible()
-    expect(graph.locator("[aria-label=unfold_more]").first).to_be_visible()
     for _ in range(3):  # expand every collapsed asset group (the layout moves after each click)
         while graph.locator("[aria-label=unfold_more]").count():
             graph.locator("[aria-label=unfold_more]").first.click()
@@ -299,7 +301,8 @@ def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, d
     stage = list(STAGES)[-1]
     page.goto(f"{dagster_url}/assets/{stage}?view=partitions")
     _skip_community_dialog(page)
-    expect(page.get_by_text(f"{len(library.demo_ids)} Partitions Selected")).to_be_visible()
-    for media_id in (library.demo_ids[0], library.demo_ids[-1]):
-        expect(page.get_by_text(str(media_id), exact=True).first).to_be_visible()
+    keys = Partitioning(size=library.settings.pipeline.partition_size).keys_of(library.demo_ids)
+    expect(page.get_by_text(f"{len(keys)} Partition{'s' if len(keys) > 1 else ''} Selected")).to_be_visible()
+    for key in (keys[0], keys[-1]):
+        expect(page.get_by_text(key, exact=True).first).to_be_visible()
     context.close()

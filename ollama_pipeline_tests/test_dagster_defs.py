@@ -31,7 +31,8 @@ from sqlalchemy import Engine, insert, select
 
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.engine import init_db, make_engine
-from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaMediaIndex, OllamaStageResult
+from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.definitions import defs
 from ollama_pipeline.defs.assets import MEDIA, all_assets
@@ -40,6 +41,7 @@ from ollama_pipeline.defs.launch import materialize_stages
 from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME, contiguous_ranges
 from ollama_pipeline.defs.resources import PipelineResource
 from ollama_pipeline.defs.sensors import new_media_sensor
+from ollama_pipeline.emulator.server import Fault
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "ollama_caption"
@@ -92,19 +94,17 @@ def test_asset_graph_puts_media_upstream_of_every_stage_from_the_registry() -> N
     assert AssetKey(CAPTION) in graph.get(AssetKey("ollama_title")).parent_keys
 
 
-@pytest.fixture(params=["sqlite", "postgres", "dagster_sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def any_instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
-    """The shipped SQLite instance, the documented PostgreSQL instance (a database made and dropped
-    here), and Dagster's own SQLite storage: per-item outcomes must be the same on each."""
+    """Dagster's own SQLite storage (as shipped) and the documented PostgreSQL instance (a database made and
+    dropped here): per-partition outcomes must be the same on each."""
     from ollama_pipeline.bench.harness import dagster_home
 
     if request.param == "sqlite":
         yield request.getfixturevalue("instance")
         return
-    if request.param == "postgres":
-        request.getfixturevalue("pg_database")  # PostgreSQL is there
-    kind = "postgres" if request.param == "postgres" else "sqlite"
-    with dagster_home(tmp_path, kind, plain=request.param == "dagster_sqlite") as home:
+    request.getfixturevalue("pg_database")  # PostgreSQL is there
+    with dagster_home(tmp_path, "postgres") as home:
         inst = DagsterInstance.from_config(str(home))
         try:
             yield inst
@@ -112,74 +112,134 @@ def any_instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dag
             inst.dispose()
 
 
-def test_one_run_over_six_items_materializes_four_and_fails_naming_the_two(
+def _sized(settings: Settings, size: int) -> Settings:
+    """The settings with `pipeline.partition_size` = size (six items in three partitions of two)."""
+    return settings.model_copy(update={"pipeline": settings.pipeline.model_copy(update={"partition_size": size})})
+
+
+def _latest(instance: DagsterInstance, asset: str, partition: str) -> dict[str, Any]:
+    """The metadata values of the latest materialization of one partition."""
+    from dagster import AssetRecordsFilter
+
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    assert records, f"{asset} {partition} was never materialized"
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def test_items_that_failed_for_good_leave_their_partitions_materialized_with_the_counts(
         library: tuple[Settings, Engine, list[int]], any_instance: DagsterInstance, emulator: Any) -> None:
-    """A corrupt and a missing file fail only their partitions; the run's Failure names channel/code."""
+    """A corrupt and a missing file fail for good: every partition (blocks of two) is materialized, and
+    its metadata counts what was written and what failed with which code."""
     instance = any_instance
     settings, engine, ids = library
+    settings = _sized(settings, 2)
     corrupt, missing = ids[1], ids[3]
     (settings.media_root / _media_path(engine, corrupt)).write_bytes(b"not an image at all")
     (settings.media_root / _media_path(engine, missing)).unlink()
 
     summary = materialize_stages(settings, ids, [CAPTION], instance, log_level="WARNING")
 
-    good = {str(i) for i in ids if i not in (corrupt, missing)}
-    bad = {str(corrupt), str(missing)}
-    assert len(summary.runs) == 1 and not summary.ok
+    assert summary.partitions == 3 and len(summary.runs) == 1 and summary.ok
     for asset in (MEDIA, CAPTION):
-        assert set(instance.get_materialized_partitions(AssetKey(asset))) == good
-        assert _failed_partitions(instance, asset) == bad
-    assert summary.counts[CAPTION] == {"written": 4, "unchanged": 0, "skipped": 0, "failed": 2}
+        assert set(instance.get_materialized_partitions(AssetKey(asset))) == {"1-2", "3-4", "5-6"}
+        assert _failed_partitions(instance, asset) == set()
+    assert summary.counts[CAPTION] == {"written": 4, "unchanged": 0, "skipped": 0, "failed": 2, "untouched": 0}
     assert summary.counts[MEDIA]["failed"] == 2
-    failure = summary.runs[0].failure or ""
-    assert "validation/validation.image_corrupt" in failure and "validation/validation.file_missing" in failure
+    first = _latest(instance, CAPTION, "1-2")
+    assert (first["items"], first["written"], first["failed"], first["model_calls"]) == (2, 1, 1, 1)
+    assert first["failed_by_code"] == {"blocked/upstream_failed.media": 1}
+    assert first["prompt_tokens"] > 0 and first["output_tokens"] > 0 and "model_time_s" in first
+    assert _latest(instance, MEDIA, "3-4")["failed_by_code"] == {"validation/validation.file_missing": 1}
     assert emulator.stats()["model_calls"] == 4
     with engine.connect() as conn:
-        indexed = set(conn.execute(select(OllamaMediaIndex.media_id)).scalars())
         results = {row.media_id: row.status for row in conn.execute(
             select(OllamaStageResult.media_id, OllamaStageResult.status).where(OllamaStageResult.stage == CAPTION))}
         to_fix = {row.media_id: row.error_code for row in conn.execute(
             select(OllamaStageResult.media_id, OllamaStageResult.error_code).where(OllamaStageResult.stage == MEDIA))}
-    assert indexed == {int(k) for k in good}
-    assert results == {int(k): "ok" for k in good}  # blocked items were never sent to the model
+    assert results == {i: "ok" for i in ids if i not in (corrupt, missing)}  # blocked items: no model call
     assert to_fix == {corrupt: "validation.image_corrupt", missing: "validation.file_missing"}  # the list to fix
 
+
+def test_a_retryable_failure_fails_its_partition_and_the_retry_pays_only_for_that_item(
+        library: tuple[Settings, Engine, list[int]], any_instance: DagsterInstance, emulator: Any) -> None:
+    """HTTP 500 on the first item's calls: only its partition fails (Failure names it), the others are
+    materialized; re-running the partitions costs exactly one model call, for the failed item."""
+    instance = any_instance
+    settings, engine, ids = library
+    settings = _sized(settings, 2)
+    emulator.set_faults([Fault(kind="http_500", count=settings.ollama.retry.max_attempts)])
+
+    summary = materialize_stages(settings, ids, [CAPTION], instance, include_media=False, concurrency=1,
+                                 log_level="WARNING")
+
+    assert not summary.ok
+    assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {"3-4", "5-6"}
+    assert _failed_partitions(instance, CAPTION) == {"1-2"}
+    failure = summary.runs[0].failure or ""
+    assert "1 of 3 partition(s) failed (network/network.server_error x1)" in failure
     run = instance.get_run_by_id(summary.runs[0].run_id)
-    assert run is not None and run.tags["dagster/asset_partition_range_start"] == str(ids[0])
     step_failure = next(e for e in instance.all_logs(run.run_id) if e.dagster_event
                         and e.dagster_event.is_step_failure)
     metadata = step_failure.dagster_event.step_failure_data.user_failure_data.metadata
-    assert metadata["failed_items"].value == 2
-    assert metadata["failed_by_asset_and_code"].value["media"] == {
-        "validation/validation.image_corrupt": 1, "validation/validation.file_missing": 1}
+    assert metadata["failed_partitions"].value == f"{CAPTION}:1-2"
+
+    calls = emulator.stats()["model_calls"]
+    retry = materialize_stages(settings, None, [CAPTION], instance, include_media=False, log_level="WARNING")
+    assert retry.ok and emulator.stats()["model_calls"] - calls == 1
+    assert retry.counts[CAPTION] == {"written": 1, "unchanged": 0, "skipped": 5, "failed": 0, "untouched": 0}
+    assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {"1-2", "3-4", "5-6"}
 
 
-def test_rerun_of_unchanged_items_skips_the_model_but_still_materializes(
+def test_rerun_of_unchanged_items_skips_the_model_and_keeps_tokens_and_model_time_visible(
         library: tuple[Settings, Engine, list[int]], instance: DagsterInstance, emulator: Any) -> None:
-    """A second run finds every fingerprint unchanged: no model call, each partition reported 'skipped'."""
+    """A second run finds every fingerprint unchanged: no model call, and the new materialization still
+    shows the tokens and model time the partition's stored answers cost."""
     settings, _, ids = library
     first = materialize_stages(settings, ids, [CAPTION], instance, log_level="WARNING")
     calls = emulator.stats()["model_calls"]
+    before = _latest(instance, CAPTION, "1-1000")
     second = materialize_stages(settings, ids, [CAPTION], instance, log_level="WARNING")
     assert first.ok and second.ok
     assert first.counts[CAPTION]["written"] == 6
-    assert second.counts[CAPTION] == {"written": 0, "unchanged": 0, "skipped": 6, "failed": 0}
+    assert second.counts[CAPTION] == {"written": 0, "unchanged": 0, "skipped": 6, "failed": 0, "untouched": 0}
     assert second.counts[MEDIA]["skipped"] == 6
     assert emulator.stats()["model_calls"] == calls
-    record = instance.get_latest_materialization_event(AssetKey(MEDIA))
-    assert record is not None and len(record.asset_materialization.tags["dagster/data_version"]) == 64
+    after = _latest(instance, CAPTION, "1-1000")
+    assert (after["skipped"], after["model_calls"], after["prompt_tokens"]) == (6, 0, 0)
+    assert after["stored_ok"] == 6 and after["stored_prompt_tokens"] == before["stored_prompt_tokens"] > 0
+    assert after["stored_output_tokens"] == before["stored_output_tokens"] > 0
+    assert after["stored_model_time_s"] == before["stored_model_time_s"]
 
 
-def test_media_ids_not_contiguous_in_partition_order_run_as_ranges_of_exactly_them(
+def test_selected_items_in_partitions_apart_run_as_two_ranges_that_touch_only_them(
         library: tuple[Settings, Engine, list[int]], instance: DagsterInstance) -> None:
-    """Partitions 1..6 exist; asking for 1, 2 and 5 launches two range runs and touches nothing else."""
-    settings, _, ids = library
-    instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, [str(i) for i in ids])
-    wanted = [ids[0], ids[1], ids[4]]
+    """Partitions 1-2, 3-4, 5-6 exist; asking for items 1 and 5 launches two range runs, materializes
+    their two partitions and touches no other item."""
+    settings, engine, ids = library
+    settings = _sized(settings, 2)
+    instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, ["1-2", "3-4", "5-6"])
+    wanted = [ids[0], ids[4]]
     summary = materialize_stages(settings, wanted, [CAPTION], instance, log_level="WARNING")
     assert summary.ok and len(summary.runs) == 2
-    assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {str(i) for i in wanted}
+    assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {"1-2", "5-6"}
+    with engine.connect() as conn:
+        touched = set(conn.execute(select(OllamaStageResult.media_id)).scalars())
+    assert touched == set(wanted)
     assert contiguous_ranges(["1", "2", "3", "4"], ["4", "1", "2"]) == [("1", "2"), ("4", "4")]
+
+
+def test_partition_keys_are_id_blocks_and_hash_buckets_for_text_ids() -> None:
+    """Integer ids fall in fixed blocks; text and UUID ids in stable hash buckets."""
+    scheme = Partitioning(size=1000)
+    assert [scheme.key_of(i) for i in (1, 1000, 1001, 2_000_000)] == ["1-1000", "1-1000", "1001-2000",
+                                                                       "1999001-2000000"]
+    assert scheme.keys_of([3, 1500, 7, 2999]) == ["1-1000", "1001-2000", "2001-3000"]
+    uuid_key = scheme.key_of("0b8f6a1e-5d2c-4c7e-9a51-2f0d3b7c9e11")
+    assert uuid_key.startswith("h") and uuid_key == scheme.key_of("0b8f6a1e-5d2c-4c7e-9a51-2f0d3b7c9e11")
+    buckets = {scheme.key_of(f"img-{n}") for n in range(5000)}
+    assert len(buckets) > 900 and all(len(k) == 5 for k in buckets)
+    assert Partitioning.block_range("1001-2000") == (1001, 2000) and Partitioning.block_range("h0042") is None
 
 
 def _insert_media_rows(engine: Engine, count: int) -> None:
@@ -192,7 +252,8 @@ def _insert_media_rows(engine: Engine, count: int) -> None:
 
 def test_sensor_registers_ten_thousand_new_rows_in_one_tick_with_one_range_run(
         sqlite_url: str, settings_factory: Callable[..., Settings], instance: DagsterInstance) -> None:
-    """10,000 new media rows -> 10,000 partitions and one run over their range; the next tick adds none."""
+    """10,000 new media rows -> ten partitions of 1,000 and one run over their range for exactly those
+    items; the next tick adds none."""
     settings = settings_factory(sqlite_url)
     engine = make_engine(settings.database.url)
     init_db(engine)
@@ -206,19 +267,20 @@ def test_sensor_registers_ten_thousand_new_rows_in_one_tick_with_one_range_run(
     print(f"\nnew_media_sensor: 10,000 new media rows registered in {elapsed:.2f} s (one tick)")
 
     assert isinstance(result, SensorResult) and result.skip_reason is None
-    assert len(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == 10_000
+    assert len(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == 10
     assert len(result.run_requests) == 1
     request = result.run_requests[0]
-    assert request.tags == {"dagster/asset_partition_range_start": "1",
-                            "dagster/asset_partition_range_end": "10000"}
+    assert request.tags == {"dagster/asset_partition_range_start": "1-1000",
+                            "dagster/asset_partition_range_end": "9001-10000"}
     assert request.run_key == "new-media-1-10000"
+    assert request.run_config["ops"]["ollama_library"]["config"]["media_ids"] == list(range(1, 10_001))
     assert set(request.asset_selection) == {AssetKey(MEDIA), *(AssetKey(s) for s in STAGES)}
     assert result.cursor == "10000"
 
     again = new_media_sensor(build_sensor_context(instance=instance, definitions=defs, resources=resources,
                                                   cursor=result.cursor))
     assert isinstance(again, SensorResult) and not again.run_requests and again.skip_reason is not None
-    assert len(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == 10_000
+    assert len(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == 10
 
 
 def test_sensor_skips_with_a_reason_when_ollama_is_down(
@@ -234,7 +296,7 @@ def test_sensor_skips_with_a_reason_when_ollama_is_down(
     assert isinstance(result, SensorResult) and not result.run_requests and result.cursor is None
     message = result.skip_reason.skip_message if result.skip_reason else ""
     assert "is not reachable: network.connect" in message and "127.0.0.1" in message
-    assert instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME) == ["1", "2", "3"]
+    assert instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME) == ["1-1000"]
 
 
 def _answers(engine: Engine, captions: list[str | None]) -> None:
@@ -310,17 +372,18 @@ def test_digit_only_tags_fail_the_not_degenerate_check() -> None:
 def test_documented_postgres_instance_block_of_dagster_yaml_runs_the_stages(
         library: tuple[Settings, Engine, list[int]], pg_database: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, emulator: Any) -> None:
-    """The commented PostgreSQL blocks of dagster.yaml, used as README says, make a working instance."""
+    """The commented PostgreSQL block of dagster.yaml (Dagster's own `storage: postgres`), used as README
+    says, makes a working instance."""
     import uuid
 
     import yaml
     from sqlalchemy import create_engine, text
 
     text_yaml = (REPO / "dagster.yaml").read_text()
-    block = text_yaml[text_yaml.index("# run_storage:"):]
+    block = text_yaml[text_yaml.index("# storage:"):]
     config = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line.lstrip("#")
                                       for line in block.splitlines()))
-    assert config["event_log_storage"]["class"] == "BatchedPostgresEventLogStorage"
+    assert config == {"storage": {"postgres": {"postgres_url": {"env": "DAGSTER_PG_URL"}}}}
     admin_url = pg_database.rsplit("/", 1)[0] + "/postgres"
     name = f"dagster_test_{uuid.uuid4().hex[:8]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -335,7 +398,8 @@ def test_documented_postgres_instance_block_of_dagster_yaml_runs_the_stages(
         settings, _, ids = library
         summary = materialize_stages(settings, ids[:3], [CAPTION], instance, log_level="WARNING")
         assert summary.ok and summary.counts[CAPTION]["written"] == 3
-        assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {str(i) for i in ids[:3]}
+        assert set(instance.get_materialized_partitions(AssetKey(CAPTION))) == {"1-1000"}
+        assert type(instance.event_log_storage).__module__.startswith("dagster_postgres")
         instance.dispose()
     finally:
         with admin.connect() as conn:

@@ -1,6 +1,7 @@
 """The job queue in Dagster on real SQLite/PostgreSQL libraries, a real Dagster instance and the emulator:
-queued jobs become batched range runs, finished runs complete their jobs, leases of queued runs are kept,
-the refresh schedule re-runs stale and retryable-failed items, and every error code is documented."""
+queued jobs become batched range runs, each run processes its jobs and records their end states, leases of
+waiting runs are kept, the refresh schedule re-runs stale and retryable-failed items, and every error code is
+documented."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.engine import init_db
 from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaJob, OllamaStageResult, Prompt
 from ollama_pipeline.core.errors import ERROR_CODES
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.queue import store as jobs
 from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline.core.stages import STAGES
@@ -47,7 +49,6 @@ from ollama_pipeline.defs.job_sensors import (
     JOB_IDS_TAG,
     JOB_TYPE_TAG,
     REFRESH_TAG,
-    job_runs_sensor,
     ollama_refresh_schedule,
     queued_jobs_sensor,
     queued_jobs_tick,
@@ -89,8 +90,9 @@ class Library:
         return ids
 
     def register_all(self) -> None:
-        """All media as partitions, in id order (what new_media_sensor does)."""
-        self.instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, [str(i) for i in self.ids])
+        """The partitions of all media, in id order (what new_media_sensor does)."""
+        scheme = Partitioning(size=self.settings.pipeline.partition_size)
+        self.instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, scheme.keys_of(self.ids))
 
     def enqueue(self, job_type: str, media_ids: list[int], payload: dict[str, Any] | None = None) -> list[int]:
         return [jobs.enqueue_ollama(self.core, job_type, m, payload).job_id for m in media_ids]
@@ -99,13 +101,6 @@ class Library:
         with build_sensor_context(instance=self.instance, definitions=defs,
                                   resources={"pipeline": self.resource}) as context:
             result = queued_jobs_sensor(context)
-        assert isinstance(result, SensorResult)
-        return result
-
-    def complete(self) -> SensorResult:
-        with build_sensor_context(instance=self.instance, definitions=defs,
-                                  resources={"pipeline": self.resource}) as context:
-            result = job_runs_sensor(context)
         assert isinstance(result, SensorResult)
         return result
 
@@ -165,10 +160,11 @@ def _by_type_and_range(requests: list[RunRequest]) -> dict[tuple[str, str, str],
 # ---- queued_jobs_sensor + job_runs_sensor ----------------------------------------------------------
 
 
-def test_queued_jobs_run_as_batched_ranges_and_complete_with_media_meta(
+def test_queued_jobs_run_as_batched_runs_that_record_their_jobs_end_states(
         db_url: str, library_for: Callable[..., Library], emulator: Any) -> None:
-    """Jobs of two types over six items become four range runs (exact partitions, force and model from the
-    payloads, job ids in tags); after the runs every job is done and media_meta holds exactly those items."""
+    """Jobs of two types over six items (one partition): the tick requests one run per (type, force, model),
+    titles only after their captions' jobs ended; each run processes its claimed jobs and writes their end
+    states itself, so after the runs every job is done and media_meta holds exactly those items."""
     lib = library_for(db_url, 6)
     lib.register_all()
     m = lib.ids
@@ -179,44 +175,52 @@ def test_queued_jobs_run_as_batched_ranges_and_complete_with_media_meta(
     result = lib.tick()
 
     assert result.skip_reason is None
-    runs = _by_type_and_range(list(result.run_requests or []))
-    assert set(runs) == {(CAPTION, str(m[0]), str(m[2])), (CAPTION, str(m[4]), str(m[4])),
-                         (TITLE, str(m[0]), str(m[1])), (TITLE, str(m[5]), str(m[5]))}
-    first = runs[(CAPTION, str(m[0]), str(m[2]))]
-    assert first.tags[JOB_IDS_TAG] == ",".join(map(str, caption_jobs[:3])) and first.tags[JOB_COUNT_TAG] == "3"
+    runs = {(r.tags[JOB_TYPE_TAG], r.tags[JOB_IDS_TAG]): r for r in result.run_requests or []}
+    # the titles of m0 and m1 wait for their caption jobs (queue order); m5 has no caption job
+    assert set(runs) == {(CAPTION, ",".join(map(str, caption_jobs))), (TITLE, str(other_model_job[0]))}
+    first = runs[(CAPTION, ",".join(map(str, caption_jobs)))]
+    assert (first.tags[RANGE_START_TAG], first.tags[RANGE_END_TAG], first.tags[JOB_COUNT_TAG]) == (
+        "1-1000", "1-1000", "4")
     assert first.asset_selection == [AssetKey(CAPTION)]
-    assert first.run_config["ops"]["ollama_library"]["config"] == {"force": False}
-    assert runs[(TITLE, str(m[0]), str(m[1]))].run_config["ops"]["ollama_library"]["config"] == {"force": True}
-    assert runs[(TITLE, str(m[5]), str(m[5]))].run_config["ops"]["ollama_library"]["config"] == {
-        "force": False, "model": "qwen3:4b"}
-    all_jobs = caption_jobs + forced_title_jobs + other_model_job
+    config = first.run_config["ops"]["ollama_library"]["config"]
+    assert config == {"force": False, "batch": first.tags[BATCH_TAG]}
+    assert runs[(TITLE, str(other_model_job[0]))].run_config["ops"]["ollama_library"]["config"]["model"] == "qwen3:4b"
+    assert {lib.job(i).status for i in forced_title_jobs} == {"queued"}
     for request in runs.values():  # each run's jobs are claimed under the run's own batch name
         ids = [int(i) for i in request.tags[JOB_IDS_TAG].split(",")]
         assert {lib.job(i).worker for i in ids} == {request.tags[BATCH_TAG]}
         assert all(lib.job(i).status == "running" for i in ids)
+    assert lib.execute(list(runs.values())) == [True] * 2
+    assert {lib.job(i).status for i in caption_jobs + other_model_job} == {"done"}
 
-    assert lib.execute(list(runs.values())) == [True] * 4
-    completion = lib.complete()
+    titles = list(lib.tick().run_requests or [])
+    assert [r.tags[JOB_IDS_TAG] for r in titles] == [",".join(map(str, forced_title_jobs))]
+    assert titles[0].run_config["ops"]["ollama_library"]["config"]["force"] is True
+    assert lib.execute(titles) == [True]
 
-    assert completion.skip_reason is None
+    all_jobs = caption_jobs + forced_title_jobs + other_model_job
     assert {lib.job(i).status for i in all_jobs} == {"done"}
     assert set(lib.meta("ollama.caption")) == {m[0], m[1], m[2], m[4]}
     assert set(lib.meta("ollama.title")) == {m[0], m[1], m[5]}
     assert lib.meta("ollama.model")[m[5]][TITLE] == "qwen3:4b"
-    assert set(lib.instance.get_materialized_partitions(AssetKey(CAPTION))) == {str(m[i]) for i in (0, 1, 2, 4)}
+    assert set(lib.instance.get_materialized_partitions(AssetKey(CAPTION))) == {"1-1000"}
     succeeded = {e["job_id"]: e for e in lib.log_events() if e["event"] == "succeeded"}
     assert set(succeeded) == set(all_jobs)
-    assert all(e["run_id"] and e["item_status"] == "written" for e in succeeded.values())
+    assert all(e["item_status"] == "written" for e in succeeded.values())
+    run_ids = {r.run_id for r in lib.instance.get_runs()}
+    assert {lib.job(i).run_id for i in all_jobs} <= {None}  # the job row keeps the enqueuer's run id
+    with lib.core.engine.connect() as conn:
+        recorded = set(conn.execute(select(OllamaStageResult.run_id)).scalars())
+    assert recorded <= run_ids  # every stored result names the Dagster run that produced it
     again = lib.tick()
     assert again.skip_reason is not None and "no queued jobs" in again.skip_reason.skip_message
-    assert lib.complete().skip_reason is not None  # nothing claimed any more
 
 
 def test_runs_beyond_the_per_tick_cap_go_back_to_the_queue_unspent(
         db_url: str, library_for: Callable[..., Library]) -> None:
     """Three scattered items make three ranges; with room for one run, the highest-priority job's run is
     requested and the other two jobs are queued again with their attempt given back, for the next tick."""
-    lib = library_for(db_url, 5)
+    lib = library_for(db_url, 5, pipeline__partition_size=1)
     lib.register_all()
     ids = lib.enqueue(CAPTION, [lib.ids[0], lib.ids[2]]) + lib.enqueue(CAPTION, [lib.ids[4]], {"priority": 50})
 
@@ -252,15 +256,15 @@ def test_a_job_whose_stored_payload_no_longer_parses_fails_without_a_run(
 def test_failed_items_fail_or_requeue_their_jobs_with_the_stage_error_code(
         sqlite_url: str, library_for: Callable[..., Library], emulator: Any) -> None:
     """One run over three title jobs: prose for item 2 fails its job (not retryable), 503 for item 3 requeues
-    its job with network.busy; once Ollama answers again the next tick runs only item 3 and it is done."""
+    its job with network.busy, both recorded by the run; once Ollama answers again the next tick runs only
+    item 3 and it is done."""
     lib = library_for(sqlite_url, 3)
     ids = lib.enqueue(TITLE, lib.ids)
     emulator.set_faults([{"kind": "prose", "match": "zq2x"}, {"kind": "http_503", "match": "zq3x"}])
     result = lib.tick()
-    assert len(result.run_requests or []) == 1  # partitions registered by the tick: one range 1..3
+    assert len(result.run_requests or []) == 1  # partitions registered by the tick: one partition
 
-    assert lib.execute(list(result.run_requests or [])) == [False]
-    lib.complete()
+    assert lib.execute(list(result.run_requests or [])) == [False]  # a retryable failure fails the partition
 
     done, failed, retried = (lib.job(i) for i in ids)
     assert done.status == "done"
@@ -278,16 +282,15 @@ def test_failed_items_fail_or_requeue_their_jobs_with_the_stage_error_code(
         pass  # the retry's backoff (ollama.retry.backoff_ms) has to pass first
     assert [r.tags[JOB_IDS_TAG] for r in retry.run_requests or []] == [str(ids[2])]
     assert lib.execute(list(retry.run_requests or [])) == [True]
-    lib.complete()
     assert lib.job(ids[2]).status == "done" and lib.job(ids[2]).attempts == 2
     assert set(lib.meta("ollama.title")) == {lib.ids[0], lib.ids[2]}
 
 
-def test_jobs_of_a_queued_run_keep_their_lease_and_an_ended_run_without_outcomes_requeues_them(
+def test_jobs_of_a_waiting_run_keep_their_lease_and_a_run_that_ended_without_them_hands_them_back(
         db_url: str, library_for: Callable[..., Library], emulator: Any) -> None:
-    """While the run waits in the queue, the completion tick renews the jobs' leases (no other worker can
-    take them); a run that fails before reaching its items requeues them (internal.run_failed), a canceled
-    one fails them (internal.run_canceled)."""
+    """While the run waits in Dagster's run queue, the tick renews its jobs' leases (no other worker can take
+    them); when that run ends without processing them, the tick ends their leases and the next claim
+    hands them out again, unspent by any model call."""
     lib = library_for(db_url, 2)
     ids = lib.enqueue(CAPTION, lib.ids)
     request = (lib.tick().run_requests or [])[0]
@@ -298,28 +301,17 @@ def test_jobs_of_a_queued_run_keep_their_lease_and_an_ended_run_without_outcomes
     with lib.core.engine.begin() as conn:  # a lease about to run out
         conn.execute(update(OllamaJob).where(OllamaJob.id.in_(ids)).values(lease_until=soon))
 
-    lib.complete()
+    lib.tick()
 
     assert all(lib.job(i).lease_until > datetime.now() + timedelta(seconds=100) for i in ids)
     assert jobs.claim_jobs(lib.core, "another-worker", 10) == []
-    lib.instance.report_run_failed(run)
-    lib.complete()
-    assert [(lib.job(i).status, lib.job(i).error_code, lib.job(i).retryable) for i in ids] == [
-        ("queued", "internal.run_failed", True)] * 2
-
-    # Each job is requeued in its own transaction, so their backoffs end a few ms apart: a tick in between
-    # claims only the first one. End both backoffs, as for a tick that comes after them.
-    with lib.core.engine.begin() as conn:
-        conn.execute(update(OllamaJob).where(OllamaJob.id.in_(ids)).values(lease_until=None))
-    again = lib.tick()
+    lib.instance.report_run_canceled(run)
+    again = lib.tick()  # ends the leases; the claim in the same tick requeues and hands them out again
     assert [r.tags[JOB_IDS_TAG] for r in again.run_requests or []] == [",".join(map(str, ids))]
-    second = DagsterRun(job_name="__ASSET_JOB", run_id="a1b2c3d4-0000-4000-8000-000000000002",
-                        tags=dict((again.run_requests or [])[0].tags), status=DagsterRunStatus.STARTED)
-    lib.instance.add_run(second)
-    lib.instance.report_run_canceled(second)
-    lib.complete()
-    assert [(lib.job(i).status, lib.job(i).error_code) for i in ids] == [("failed", "internal.run_canceled")] * 2
-    assert emulator.stats()["model_calls"] == 0
+    assert {lib.job(i).worker for i in ids} == {again.run_requests[0].tags[BATCH_TAG]}
+    assert lib.execute(list(again.run_requests or [])) == [True]
+    assert {lib.job(i).status for i in ids} == {"done"}
+    assert emulator.stats()["model_calls"] == 2
 
 
 def test_sensor_and_schedule_skip_when_ollama_is_down_and_claim_nothing(
@@ -368,7 +360,8 @@ def test_refresh_schedule_reruns_stale_and_retryable_failed_items_only(
 
     assert isinstance(requests, list) and len(requests) == 1
     request = requests[0]
-    assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (str(m[0]), str(m[2]))
+    assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("1-1000", "1-1000")
+    assert request.run_config["ops"]["ollama_library"]["config"]["media_ids"] == m[:3]
     assert request.tags[REFRESH_TAG] == "stale=2,retryable_failed=1" and request.tags[JOB_TYPE_TAG] == TITLE
     assert request.asset_selection == [AssetKey(TITLE)]
     assert lib.execute(requests) == [True]
@@ -386,10 +379,10 @@ def test_refresh_schedule_reruns_stale_and_retryable_failed_items_only(
 # ---- definitions and error codes ------------------------------------------------------------------
 
 
-def test_definitions_register_the_job_sensors_and_a_stopped_refresh_schedule() -> None:
-    """The code location holds both job sensors and the schedule; only the completion sensor starts on."""
-    assert defs.resolve_sensor_def("queued_jobs_sensor").default_status == DefaultSensorStatus.STOPPED
-    assert defs.resolve_sensor_def("job_runs_sensor").default_status == DefaultSensorStatus.RUNNING
+def test_definitions_work_the_queue_with_one_running_sensor_and_a_stopped_refresh_schedule() -> None:
+    """The code location works the queue with one sensor, running by default; the schedule starts stopped."""
+    assert defs.resolve_sensor_def("queued_jobs_sensor").default_status == DefaultSensorStatus.RUNNING
+    assert {s.name for s in defs.sensors} - {"downstream_automation_sensor"} == {"queued_jobs_sensor", "new_media_sensor"}
     schedule = defs.resolve_schedule_def("ollama_refresh_schedule")
     assert schedule.default_status == DefaultScheduleStatus.STOPPED and schedule.cron_schedule == "0 3 * * *"
 
@@ -405,7 +398,7 @@ def test_every_error_code_used_in_the_package_is_documented_in_errors_and_readme
     for path in PACKAGE.rglob("*.py"):
         for match in _CODE.finditer(path.read_text(encoding="utf-8")):
             used.setdefault(match.group(1) + match.group(3), set()).add(str(path.relative_to(PACKAGE)))
-    assert {"internal.lease_expired", "internal.run_failed", "network.connect"} <= set(used)
+    assert {"internal.lease_expired", "network.connect", "network.circuit_open"} <= set(used)
     missing = []
     for code, where in sorted(used.items()):
         if code.startswith("f"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from dagster import DagsterInstance
 from PIL import Image
 from sqlalchemy import Engine, MetaData, insert, select, update
 
@@ -26,6 +27,7 @@ from ollama_pipeline.core.db.engine import init_db
 from ollama_pipeline.core.db.models import Media, MediaMeta, MediaTag, Prompt, ScanResult, Tag
 from ollama_pipeline.core.errors import ValidationError
 from ollama_pipeline.core.injection import REMOVED, neutralize
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.runner import Pipeline, check_injection, run_stage
 from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.core.stages.base import (
@@ -36,6 +38,7 @@ from ollama_pipeline.core.stages.base import (
     TagRow,
     TagSuggestion,
 )
+from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME
 from ollama_pipeline_tests.injection_corpus import DISGUISES, variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,12 +84,15 @@ def test_password_in_ollama_url_never_reaches_stderr_logs_or_the_dagster_instanc
     refused = _cli(bad, home, "run", "--stages", "caption")
     assert refused.returncode == 2 and "user:***@127.0.0.1" in refused.stderr, refused.stderr
     down = _config_file(settings, tmp_path / "down.yaml", f"http://user:{PASSWORD}@127.0.0.1:{_closed_port()}")
-    failed = _cli(down, home, "run", "--stages", "caption")
-    assert failed.returncode == 1 and "network.connect" in failed.stdout, failed.stdout + failed.stderr
+    failed = _cli(down, home, "run", "--stages", "caption")  # refused by the health check before any run
+    assert failed.returncode == 2 and "network.unavailable" in failed.stderr, failed.stdout + failed.stderr
+    block = Partitioning(size=settings.pipeline.partition_size).key_of(ids[0])
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions(MEDIA_PARTITIONS_NAME, [block])
     # README's `dagster asset materialize` reads the bad file inside the run: its failure events carry the error.
     env = {**os.environ, "PYTHONPATH": str(REPO), "DAGSTER_HOME": str(home), "OLLAMA_PIPELINE_CONFIG": str(bad)}
     in_run = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "ollama_pipeline.definitions",
-                             "--select", "ollama_caption", "--partition", str(ids[0])], capture_output=True,
+                             "--select", "ollama_caption", "--partition", block], capture_output=True,
                             text=True, env=env, timeout=300, cwd=tmp_path)
     assert in_run.returncode != 0 and "user:***@127.0.0.1" in in_run.stdout + in_run.stderr, in_run.stderr[-3000:]
     for output in (refused.stdout, refused.stderr, failed.stdout, failed.stderr, in_run.stdout, in_run.stderr):

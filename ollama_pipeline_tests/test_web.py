@@ -41,6 +41,7 @@ from ollama_pipeline.core.db.models import Media, MediaMeta, MediaTag, OllamaJob
 from ollama_pipeline.core.errors import ConfigError, ValidationError
 from ollama_pipeline.core.export import export_records
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.queue import store as jobs
 from ollama_pipeline.core.runner import Pipeline, run_stage
 from ollama_pipeline.core.stages import STAGES, all_meta_keys
@@ -321,7 +322,8 @@ def test_item_page_shows_every_stage_value_and_provenance(client: TestClient, li
         assert f"<code>{row['stage']}</code>" in provenance and _html_text(row["version"]) in provenance
         assert f"{row['prompt_eval_count']} / {row['eval_count']}" in provenance
     dagster = _html_text(library.settings.pipeline.dagster_ui_url)
-    assert f"{dagster}/assets/ollama_caption?view=partitions&amp;partition={media_id}" in html
+    block = Partitioning(size=library.settings.pipeline.partition_size).key_of(media_id)
+    assert f"{dagster}/assets/ollama_caption?view=partitions&amp;partition={block}" in html  # its partition
     assert "badge source" in html
     locked_item = _first_locked(library.engine)
     assert 'class="badge lock"' in client.get(f"/media/{locked_item}").text

@@ -12,12 +12,11 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ollama_pipeline.core.config import load_settings
 from ollama_pipeline.core.errors import ValidationError
-from ollama_pipeline.core.queue.store import JOB_STATUSES, Job, JobOutcome, ProcessSummary
-from ollama_pipeline.core.runner import Pipeline
+from ollama_pipeline.core.queue.models import JOB_STATUSES, Job, JobOutcome, ProcessSummary
 from ollama_pipeline.core.selection import (
     non_negative_int,
     parse_job_types,
@@ -25,12 +24,25 @@ from ollama_pipeline.core.selection import (
     positive_int,
 )
 
+if TYPE_CHECKING:
+    from ollama_pipeline.core.runner import Pipeline
+
 
 def _pipeline(args: argparse.Namespace) -> Pipeline:
     from ollama_pipeline.core.db.gallery import require_gallery
+    from ollama_pipeline.core.runner import Pipeline
 
     pipeline = Pipeline.from_settings(load_settings(getattr(args, "config", None)))
     require_gallery(pipeline.engine)  # a gallery without a required column stops here, with the report
+    return pipeline
+
+
+def _reaped(pipeline: Pipeline) -> Pipeline:
+    """Runs killed without a word (stale heartbeat) are marked failed before the queue is shown."""
+    from ollama_pipeline.app.orchestrate import reap_orphans
+
+    for line in reap_orphans(pipeline):
+        print(line, file=sys.stderr)
     return pipeline
 
 
@@ -179,7 +191,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
     job_type = parse_job_types(args.type)[0] if args.type is not None else None
     media = parse_media_selection(args.media) if args.media is not None else None
-    jobs = list_jobs(_pipeline(args), status=args.status, job_type=job_type, media_id=media, limit=args.limit)
+    jobs = list_jobs(_reaped(_pipeline(args)), status=args.status, job_type=job_type, media_id=media,
+                     limit=args.limit)
     if args.json:
         print(json.dumps([_job_dict(j) for j in jobs], indent=2))
         return 0
@@ -213,7 +226,7 @@ def cmd_jobs_counts(args: argparse.Namespace) -> int:
     """Print jobs per status, overall and per job type."""
     from ollama_pipeline.core.queue.store import queue_counts
 
-    counts = queue_counts(_pipeline(args))
+    counts = queue_counts(_reaped(_pipeline(args)))
     if args.json:
         print(counts.model_dump_json(indent=2))
         return 0

@@ -23,6 +23,9 @@ BASE_URL_ENV = "OLLAMA_PIPELINE__OLLAMA__BASE_URL"
 DEMO_VRAM_GIB = 24
 
 
+DEMO_PARTITION_SIZE = 10
+
+
 def _demo_config(path: Path) -> None:
     """Write the demo configuration (SQLite library under demo/) unless it exists."""
     if path.exists():
@@ -33,6 +36,8 @@ def _demo_config(path: Path) -> None:
     data["database"] = {"url": "sqlite:///library.db", "busy_timeout_ms": 30000, "lock_retries": 5}
     data["media_root"] = "media"
     data["logs_dir"] = "../LOGS"
+    # Small partitions, so that the demo's 50 items show as several partitions in the Dagster UI.
+    data.setdefault("pipeline", {})["partition_size"] = DEMO_PARTITION_SIZE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Written by `ollama-pipeline demo`: the demo library's configuration.\n"
                     + yaml.safe_dump(data, sort_keys=False))

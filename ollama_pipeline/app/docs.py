@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ollama_pipeline.core.errors import ERROR_CODES
-from ollama_pipeline.core.stages import COMMON_KEYS, STAGES
-from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
 
 CHANNEL_ORDER = ("network", "invalid_response_format", "validation", "persistence", "queue_limit")
 
@@ -27,6 +25,8 @@ def _cell(text: str) -> str:
 
 
 def stages_table() -> str:
+    from ollama_pipeline.core.stages import COMMON_KEYS, STAGES
+
     rows = ["| Job type / asset | Model | Reads | After | Writes `media_meta` | Also writes | Prompt version |",
             "|---|---|---|---|---|---|---|"]
     for stage in STAGES.values():
@@ -77,6 +77,8 @@ def _type_text(schema: dict[str, Any], defs: dict[str, Any]) -> str:
 
 
 def stored_table() -> str:
+    from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
+
     rows = ["| Key | Value (JSON text, sorted keys) |", "|---|---|"]
     for key, model in STORED_SCHEMAS.items():
         schema = model.model_json_schema(by_alias=True)

@@ -41,6 +41,19 @@ def dagster_instance():  # -> DagsterInstance (import kept lazy: Dagster is slow
     return DagsterInstance.get()
 
 
+def reap_orphans(pipeline) -> list[str]:
+    """Mark runs whose heartbeat stopped as failed, in the pipeline's table and in Dagster; one line each.
+    Dagster is imported only when there is such a run."""
+    from ollama_pipeline.core.queue.heartbeats import reap_stale
+
+    stale = reap_stale(pipeline)
+    if stale:
+        from ollama_pipeline.defs.orphans import fail_dagster_runs
+
+        fail_dagster_runs(dagster_instance(), pipeline, stale)
+    return [f"run {orphan.run_id} marked failed: {orphan.reason}" for orphan in stale]
+
+
 def run_stages_through_dagster(settings: Settings, stages: list[str] | None, *, media_ids: list[int] | None = None,
                                force: bool = False, config_path: str | None = None):
     """One Dagster run over all the given items (per contiguous partition range) for the chosen stages."""

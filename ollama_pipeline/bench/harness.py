@@ -104,13 +104,13 @@ def copy_sqlite_library(source: Path, target: Path) -> None:
 
 
 def postgres_instance_config(url: str) -> dict[str, Any]:
-    """Instance storage on PostgreSQL as README documents it: dagster-postgres run and schedule storage,
-    the batched event log storage (defs.event_storage)."""
+    """Instance storage on PostgreSQL as README documents it: dagster-postgres run, event log and schedule
+    storage (Dagster's own classes)."""
     return {
         "run_storage": {"module": "dagster_postgres.run_storage", "class": "PostgresRunStorage",
                         "config": {"postgres_url": url}},
-        "event_log_storage": {"module": "ollama_pipeline.defs.event_storage",
-                              "class": "BatchedPostgresEventLogStorage", "config": {"postgres_url": url}},
+        "event_log_storage": {"module": "dagster_postgres.event_log", "class": "PostgresEventLogStorage",
+                              "config": {"postgres_url": url}},
         "schedule_storage": {"module": "dagster_postgres.schedule_storage", "class": "PostgresScheduleStorage",
                              "config": {"postgres_url": url}},
     }
@@ -118,9 +118,9 @@ def postgres_instance_config(url: str) -> dict[str, Any]:
 
 @contextmanager
 def dagster_home(workdir: Path, kind: InstanceKind, *, plain: bool = False) -> Iterator[Path]:
-    """A temporary DAGSTER_HOME configured as the project ships it (dagster.yaml, README): the batched
-    event log storage on SQLite files, or on a PostgreSQL database made here and dropped at the end.
-    plain=True: Dagster's own SQLite storage (the baseline)."""
+    """A temporary DAGSTER_HOME configured as the project ships it (dagster.yaml, README): Dagster's own
+    SQLite storage, or dagster-postgres on a PostgreSQL database made here and dropped at the end.
+    plain is kept for callers; both SQLite variants are Dagster's own storage now."""
     home = workdir / f"dagster_home_{kind}_{uuid.uuid4().hex[:6]}"
     home.mkdir(parents=True)
     config: dict[str, Any] = {"telemetry": {"enabled": False}}
@@ -133,10 +133,6 @@ def dagster_home(workdir: Path, kind: InstanceKind, *, plain: bool = False) -> I
             conn.execute(text(f'CREATE DATABASE "{database}"'))
         admin.dispose()
         config.update(postgres_instance_config(admin_url.rsplit("/", 1)[0] + f"/{database}"))
-    elif not plain:
-        config["event_log_storage"] = {"module": "ollama_pipeline.defs.event_storage",
-                                       "class": "BatchedSqliteEventLogStorage",
-                                       "config": {"base_dir": str(home / "history" / "runs")}}
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     try:
         yield home

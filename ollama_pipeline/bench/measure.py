@@ -29,12 +29,14 @@ from ollama_pipeline.bench.harness import EmulatorProcess, Stopwatch, dagster_ho
 from ollama_pipeline.core.config import CONFIG_ENV, Settings
 from ollama_pipeline.core.db.models import Media
 from ollama_pipeline.core.images import prepare_image
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.core.stages.caption import CAPTION_TEMPLATE
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA
-from ollama_pipeline.defs.events import BATCH_SIZE_ENV
 from ollama_pipeline.defs.launch import materialize_stages, resolve_asset_names
+
+BATCH_SIZE_ENV = "DAGSTER_EVENT_BATCH_SIZE"  # Dagster's own setting (off for the baseline)
 
 
 class ScenarioResult(BaseModel):
@@ -103,14 +105,17 @@ def raw_client_loop(settings: Settings, calls: int, concurrency: int) -> tuple[f
     return watch.wall, watch.cpu, sum(sent) / max(1, len(sent)), sum(source) / max(1, len(source))
 
 
-def per_item_cli_run(home: Path, config_path: Path, asset_names: list[str], media_id: int) -> float:
-    """Seconds for one `dagster asset materialize` of one partition (forced), as a process per run."""
+def per_item_cli_run(home: Path, config_path: Path, asset_names: list[str], media_id: int,
+                     partition_size: int) -> float:
+    """Seconds for one `dagster asset materialize` of one item (forced; the item's partition, only that item),
+    as a process per run."""
     env = {**os.environ, "DAGSTER_HOME": str(home), CONFIG_ENV: str(config_path)}
-    run_config = json.dumps({"ops": {LIBRARY_OP: {"config": {"force": True}}}})
+    run_config = json.dumps({"ops": {LIBRARY_OP: {"config": {"force": True, "media_ids": [media_id]}}}})
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m",
                              "ollama_pipeline.definitions", "--select", ",".join(asset_names),
-                             "--partition", str(media_id), "--config-json", run_config],
+                             "--partition", Partitioning(size=partition_size).key_of(media_id),
+                             "--config-json", run_config],
                             env=env, capture_output=True, text=True, timeout=600)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
@@ -179,7 +184,7 @@ def _run_scenario(settings: Settings, config_path: Path, emulator: EmulatorProce
                 materialize_stages(settings, [media_id], names, instance, include_media=False, force=True,
                                    concurrency=concurrency, log_level="WARNING")
                 per_item.append(time.perf_counter() - started)
-            cli_times = [per_item_cli_run(home, config_path, names, media_id)
+            cli_times = [per_item_cli_run(home, config_path, names, media_id, settings.pipeline.partition_size)
                          for media_id in ids[len(sample): len(sample) + cli_sample]]
         finally:
             instance.dispose()

@@ -117,6 +117,15 @@ class PipelineConfig(_Strict):
     slot_limiter_url: str | None = Field(
         default=None, description="PostgreSQL URL whose advisory locks hold each Ollama host to its slots "
                                   "across every worker process (core/limiter.py); default: per process only.")
+    circuit_breaker: int = Field(default=5, ge=1, le=1000,
+                                 description="A run stops after this many model calls in a row failed with a "
+                                 "network error (after their retries); items not yet tried stay untouched.")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=600,
+                                     description="A running run renews its heartbeat this often; one silent for "
+                                     "4 intervals is marked failed by the next run, sensor tick or `jobs`.")
+    partition_size: int = Field(default=1000, ge=1, le=100_000,
+                                description="Media items per Dagster partition: consecutive integer ids in blocks "
+                                "of this size (text ids: hash buckets of about this size).")
     web_token: str | None = Field(default=None, description="Required by the web UI when bound off loopback.")
     dagster_ui_url: str = "http://127.0.0.1:3000"
 

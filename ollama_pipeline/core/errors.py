@@ -109,6 +109,13 @@ class QueueLimitError(OllamaPipelineError):
     default_code = "queue_limit.overflow"
 
 
+class BlockedError(OllamaPipelineError):
+    """An upstream stage failed for the item, so this stage was not sent to the model (code names it)."""
+
+    channel = "blocked"
+    default_code = "upstream_failed"
+
+
 ERROR_CLASSES: tuple[type[OllamaPipelineError], ...] = (
     NetworkError,
     InvalidResponseFormatError,
@@ -124,6 +131,8 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "network.server_error": ("network", True, "Ollama answered HTTP 5xx."),
     "network.busy": ("network", True, "Ollama answered 503: too many pending requests."),
     "network.stream_error": ("network", True, "Ollama reported an error in the middle of a stream."),
+    "network.unavailable": ("network", True, "`run` asked Ollama for its health before the first model call and got no answer: nothing was started."),
+    "network.circuit_open": ("network", True, "A run stopped after pipeline.circuit_breaker model calls in a row failed with network errors; items it had not tried are untouched."),
     "invalid_response_format.not_json": ("invalid_response_format", False, "The answer is prose, not JSON."),
     "invalid_response_format.code_fence": ("invalid_response_format", False, "The JSON is wrapped in a Markdown code fence."),
     "invalid_response_format.reasoning": ("invalid_response_format", False, "Text (reasoning) stands before or after the JSON."),
@@ -153,9 +162,9 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "queue_limit.overflow_job_type": ("queue_limit", True, "More queued jobs of one type than pipeline.queue.max_queued_per_type."),
     "internal.error": ("internal", False, "An unexpected error (a bug) failed this item only; its type is in the message and the errors log."),
     "internal.lease_expired": ("internal", True, "A job's lease ran out (worker stopped or killed, or its Dagster run never started): requeued while attempts remain, then failed with this code."),
-    "internal.run_failed": ("internal", True, "The Dagster run of a job ended without an outcome for its item (crashed or stopped before reaching it): requeued while attempts remain."),
-    "internal.run_canceled": ("internal", False, "The Dagster run of a job was canceled before it reached the item."),
-    "upstream_failed.<asset>": ("blocked", False, "In a Dagster run, the item's media or upstream stage (named in the code) failed, so this stage did not call the model for it."),
+    "internal.run_failed": ("internal", True, "Older releases: the Dagster run of a job ended without an outcome for its item. Now a run records its jobs' end states itself, and jobs of a run that never took them go back to the queue."),
+    "internal.run_canceled": ("internal", False, "Older releases: the Dagster run of a job was canceled before it reached the item (see internal.run_failed)."),
+    "upstream_failed.<asset>": ("blocked", False, "The item's media or upstream stage (named in the code) failed, in this run or as its stored result, so this stage did not call the model for it (a title whose caption failed)."),
 }
 
 

@@ -25,7 +25,13 @@ from ollama_pipeline.core.client import OllamaClient, OllamaOptions, OllamaTextR
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import engine_for_settings
-from ollama_pipeline.core.errors import InvalidResponseFormatError, OllamaPipelineError, ValidationError
+from ollama_pipeline.core.errors import (
+    BlockedError,
+    InvalidResponseFormatError,
+    NetworkError,
+    OllamaPipelineError,
+    ValidationError,
+)
 from ollama_pipeline.core.images import (
     check_media_type,
     encode_prepared,
@@ -94,6 +100,20 @@ class Pipeline:
         return cls(settings=settings, engine=engine, client=client,
                    logs=PipelineLogs(settings.logs_dir))
 
+    def remember_breaker(self, run_id: str, message: str) -> None:
+        """Note that a run in this process stopped on its circuit breaker (read back by in-process launches)."""
+        self._cache[f"breaker:{run_id}"] = message
+
+    def breaker_message(self, run_id: str) -> str | None:
+        return self._cache.get(f"breaker:{run_id}")
+
+    def remember_counts(self, run_id: str, counts: dict[str, dict[str, int]]) -> None:
+        """Items by status per asset of a run in this process (read back by in-process launches)."""
+        self._cache[f"counts:{run_id}"] = counts
+
+    def run_counts(self, run_id: str) -> dict[str, dict[str, int]]:
+        return self._cache.pop(f"counts:{run_id}", {})
+
     def model_for(self, stage: Stage) -> str:
         return self.settings.ollama.model_for(stage.model_kind)
 
@@ -129,7 +149,7 @@ class ItemOutcome(BaseModel):
 
     media_id: int
     stage: str
-    status: Literal["written", "unchanged", "skipped", "failed"]
+    status: Literal["written", "unchanged", "skipped", "failed", "untouched"]
     reason: str | None = None  # why a skipped item was not run: unsupported_media_type, file_missing, ...
     model: str | None = None
     fingerprint: str | None = None
@@ -138,17 +158,57 @@ class ItemOutcome(BaseModel):
     changed_keys: list[str] = []
     human_edited: list[str] = []  # keys a person changed since the pipeline wrote them: kept, not overwritten
 
+    @property
+    def error_obj(self) -> OllamaPipelineError | None:
+        """The failure as its channel's exception type (for the circuit breaker); None when it did not fail."""
+        if self.status != "failed" or not self.error:
+            return None
+        cls = NetworkError if self.error.get("channel") == "network" else OllamaPipelineError
+        return cls(str(self.error.get("message", "")), code=self.error.get("code"))
+
+
+class CircuitBreaker:
+    """Opens after `threshold` items in a row failed with a network error (their retries spent): the run
+    then stops sending requests, and items not yet tried stay untouched. Any other outcome closes the count."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = max(1, threshold)
+        self.consecutive = 0
+        self.open = False
+        self.last_error: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def record(self, error: OllamaPipelineError | None) -> None:
+        with self._lock:
+            if isinstance(error, NetworkError):
+                self.consecutive += 1
+                self.last_error = error.to_dict()
+                if self.consecutive >= self.threshold:
+                    self.open = True
+            else:
+                self.consecutive = 0
+
+
+class CircuitOpenError(NetworkError):
+    """Raised by run_stage after its breaker opened: Ollama stopped answering during the run."""
+
+    default_code = "network.circuit_open"
+
 
 def _call_model(pipeline: Pipeline, stage: Stage, request: ModelRequest, images_b64: list[str],
                 options: OllamaOptions, metrics: CallMetrics, affinity: str) -> BaseModel:
     prompt = request.prompt
     repairs_left = pipeline.settings.pipeline.repair_retries
     while True:
-        if images_b64:
-            response: OllamaTextResponse = pipeline.client.analyze_image(images_b64, prompt, options,
-                                                                         system=SYSTEM_PROMPT, affinity=affinity)
-        else:
-            response = pipeline.client.generate_text(prompt, options, system=SYSTEM_PROMPT, affinity=affinity)
+        try:
+            if images_b64:
+                response: OllamaTextResponse = pipeline.client.analyze_image(
+                    images_b64, prompt, options, system=SYSTEM_PROMPT, affinity=affinity)
+            else:
+                response = pipeline.client.generate_text(prompt, options, system=SYSTEM_PROMPT, affinity=affinity)
+        except OllamaPipelineError as exc:  # the requests made before it gave up count as model calls
+            metrics.calls += int(exc.details.get("attempts", 1))
+            raise
         metrics.calls += response.attempts
         metrics.prompt_eval_count += response.prompt_eval_count or 0
         metrics.eval_count += response.eval_count or 0
@@ -281,13 +341,39 @@ def _read_source(pipeline: Pipeline, ref: Any, media_type: str | None, own: bool
     return hashlib.sha256(data).hexdigest(), path, data, kind
 
 
+def upstream_failures(pipeline: Pipeline, stage: Stage, media_ids: Iterable[int]) -> dict[int, tuple[str, bool]]:
+    """Items whose stored result of an upstream stage is a failure -> (that stage, whether it was retryable)."""
+    ids = list(media_ids)
+    found: dict[int, tuple[str, bool]] = {}
+    for upstream in stage.upstream:
+        for media_id, state in repository.stage_states(pipeline.engine, upstream, ids).items():
+            if state.get("status") == "failed":
+                found.setdefault(media_id, (upstream, bool(state.get("retryable"))))
+    return found
+
+
 def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None = None,
              force: bool = False, model: str | None = None, job_id: int | None = None,
-             run_id: str | None = None, problem: dict[str, Any] | None = _UNLOADED) -> ItemOutcome:
+             run_id: str | None = None, problem: dict[str, Any] | None = _UNLOADED,
+             blocked_by: tuple[str, bool] | None = None, breaker: CircuitBreaker | None = None) -> ItemOutcome:
     """Run one stage for one item; typed failures are recorded and returned, never raised.
 
     problem: the item's row in the list of media problems (repository.MEDIA_STAGE), when the caller
-    loaded it; otherwise it is read when needed."""
+    loaded it; otherwise it is read when needed. blocked_by (stage, retryable) names an upstream stage that
+    failed for this item: the item fails as upstream_failed.<stage> without a model call. With an open
+    breaker the item is not tried at all (status untouched, nothing recorded)."""
+    if breaker is not None and breaker.open:
+        return ItemOutcome(media_id=inputs.media.id, stage=stage.job_type, status="untouched")
+    outcome = _run_item(pipeline, stage, inputs, state=state, force=force, model=model, job_id=job_id,
+                        run_id=run_id, problem=problem, blocked_by=blocked_by)
+    if breaker is not None:
+        breaker.record(outcome.error_obj)
+    return outcome
+
+
+def _run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None,
+              force: bool, model: str | None, job_id: int | None, run_id: str | None,
+              problem: dict[str, Any] | None, blocked_by: tuple[str, bool] | None) -> ItemOutcome:
     media_id = inputs.media.id
     started = time.perf_counter()
     metrics = CallMetrics()
@@ -309,6 +395,10 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
         return outcome
 
     try:
+        if blocked_by is not None:
+            upstream, _ = blocked_by  # retryable or not, ERROR_CODES decides for upstream_failed.*
+            raise BlockedError(f"{upstream} failed for media {media_id}, so {stage.job_type} was not run",
+                               code=f"upstream_failed.{upstream}")
         requests = list(stage.plan(stage, inputs))
         for req in requests:
             for ref in req.images:
@@ -398,23 +488,31 @@ def run_item_held(pipeline: Pipeline, stage: Stage, inputs: StageInputs, **kwarg
 
 def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], *, force: bool = False,
               concurrency: int | None = None, run_id: str | None = None, job_ids: dict[int, int] | None = None,
-              chunk_size: int = 256, model: str | None = None) -> Iterator[ItemOutcome]:
-    """Run a stage over many items with bounded concurrency; yields outcomes as they complete.
+              chunk_size: int = 256, model: str | None = None,
+              breaker: CircuitBreaker | None = None) -> Iterator[ItemOutcome]:
+    """Run a stage over many items with bounded concurrency; yields one outcome per item as they complete.
 
-    model overrides the configured model of the stage (a job payload's `model`)."""
+    model overrides the configured model of the stage (a job payload's `model`). breaker (default: one for
+    this call, `pipeline.circuit_breaker`) stops the run after that many network failures in a row: the
+    items not tried by then come back as `untouched`, with nothing recorded for them. An item whose stored
+    upstream result is a failure fails as upstream_failed.<stage> without a model call."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     ids = list(dict.fromkeys(int(i) for i in media_ids))
     workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
     if len(pipeline.client.pool.hosts) > 1:  # enough calls at once to fill every host's slots
         workers = max(workers, 2 * pipeline.client.pool.total_slots)
     job_ids = job_ids or {}
+    breaker = breaker or CircuitBreaker(pipeline.settings.pipeline.circuit_breaker)
     lock = threading.Lock()
     # Items in flight or finished but not yet taken by the caller: a caller that is busy for a moment
     # (a Dagster run storing events) does not leave the model server idle.
     window = max(workers * 4, 32)
+    submitted = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{stage.job_type}") as pool:
         pending: set[Future[ItemOutcome]] = set()
         for start in range(0, len(ids), chunk_size):
+            if breaker.open:
+                break
             chunk = ids[start : start + chunk_size]
             inputs = repository.load_inputs_many(pipeline.engine, chunk)
             if stage.enrich is not None:
@@ -422,7 +520,11 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                     stage.enrich(pipeline, inputs)
             states = repository.stage_states(pipeline.engine, stage.job_type, chunk)
             problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
+            blocked = upstream_failures(pipeline, stage, chunk) if stage.upstream else {}
             for media_id in chunk:
+                if breaker.open:
+                    break
+                submitted += 1
                 if media_id not in inputs:
                     err = ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
                     pipeline.logs.error(err, media_id=media_id, job_type=stage.job_type, run_id=run_id)
@@ -434,11 +536,19 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
                         yield fut.result()
                 pending.add(pool.submit(run_item_held, pipeline, stage, inputs[media_id], state=states.get(media_id),
                                         force=force, model=model, job_id=job_ids.get(media_id), run_id=run_id,
-                                        problem=problems.get(media_id)))
+                                        problem=problems.get(media_id), blocked_by=blocked.get(media_id),
+                                        breaker=breaker))
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()
+    for media_id in ids[submitted:]:
+        yield ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched")
+    if breaker.open:
+        pipeline.logs.job_event("circuit_open", run_id=run_id, job_type=stage.job_type,
+                                consecutive_failures=breaker.consecutive,
+                                code=(breaker.last_error or {}).get("code"),
+                                untouched=len(ids) - submitted)
     log_hosts(pipeline, run_id, stage.job_type)
 
 

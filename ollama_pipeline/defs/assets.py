@@ -1,19 +1,26 @@
-"""The library's assets: `media` plus one asset per stage of the registry, all partitioned by media item.
+"""The library's assets: `media` plus one asset per stage of the registry, partitioned by blocks of items.
 
 Every asset is declared from data: `media` indexes the files (content hash, perceptual hash, size), and a
 factory turns each registry `Stage` into an `AssetSpec` (key = job type, deps = media + upstream stages,
 group, description, code version). All of them are executed by one subsettable multi-asset,
-`ollama_library`, in one step per run over many partitions (single-run backfill policy):
+`ollama_library`, in one step per run over a range of partitions (single-run backfill policy). A partition
+is a block of media items (core.partitioning); per-item state stays in `ollama_stage_results`.
 
-- each item reports itself with one `AssetMaterialization(partition=...)` carrying its metadata (status,
-  model, token counts); items that fail get none, and the step raises `dagster.Failure` at the end naming
-  them, so Dagster marks exactly those partitions failed and "retry failed" re-runs only them;
-- one step because Dagster skips a downstream asset step whose upstream step yielded only
-  `AssetMaterialization` events (no `Output`); an `Output` would store a second event per partition and
-  mark failed items materialized. Inside the step, stages run in dependency order and an item whose
-  upstream failed in this run is not sent to the model (it counts as blocked).
+- Each partition whose items all ended correctly (done, or failed for good with a recorded reason) gets one
+  `AssetMaterialization(partition=...)` carrying its counts (written, unchanged, skipped, failed by code,
+  model calls, tokens, model time) and what the partition holds now (`stored_*`), so Dagster's plots show
+  progress and cost, and an unchanged re-run still shows tokens and model time. A partition with a
+  retryable failure gets none, and the step raises `dagster.Failure` at the end naming it, so Dagster marks
+  it failed and "retry failed" re-runs it; its unchanged items then cost no model call.
+- One step because Dagster skips a downstream asset step whose upstream step yielded only
+  `AssetMaterialization` events (no `Output`). Inside the step, stages run in dependency order and an item
+  whose media or upstream stage failed in this run is not sent to the model.
+- A run launched by `queued_jobs_sensor` (config `batch`) processes the jobs claimed for it on the job
+  worker's code path (`process_claimed`: leases renewed, end states recorded as `process_ollama_job` does).
+- A circuit breaker ends the run when Ollama stops answering; the items not tried stay untouched.
 
-The asset bodies call the core (`run_stage`, `index_media`); nothing here touches the DB at import.
+The asset bodies call the core (`run_stage`, `index_media`, the queue); nothing here touches the DB at import.
+Only Dagster's public API is used.
 """
 
 import hashlib
@@ -32,23 +39,21 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
-    AssetObservation,
     AssetsDefinition,
     AssetSpec,
     BackfillPolicy,
     BetaWarning,
     Config,
-    DagsterEvent,
     DagsterLogManager,
     Failure,
     MetadataValue,
     multi_asset,
 )
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ollama_pipeline.core.db import repository
-from ollama_pipeline.core.db.models import Media
+from ollama_pipeline.core.db.models import Media, OllamaStageResult
 from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
 from ollama_pipeline.core.images import (
     check_media_type,
@@ -58,18 +63,18 @@ from ollama_pipeline.core.images import (
     media_kind,
     resolve_media_path,
 )
-from ollama_pipeline.core.runner import Pipeline, note_media_problem, run_stage
+from ollama_pipeline.core.partitioning import Partitioning
+from ollama_pipeline.core.queue import store as jobs
+from ollama_pipeline.core.queue.heartbeats import Heartbeat
+from ollama_pipeline.core.runner import CircuitBreaker, Pipeline, note_media_problem, run_stage
 from ollama_pipeline.core.stages.base import Stage
 from ollama_pipeline.defs.checks import check_specs_for, evaluate_checks
-from ollama_pipeline.defs.events import EventBatcher
 from ollama_pipeline.defs.partitions import media_partitions
 from ollama_pipeline.defs.resources import PipelineResource
 
 MEDIA = "media"
 LIBRARY_OP = "ollama_library"
 MEDIA_CODE_VERSION = "media-index-v1"
-# The tag Dagster reads a materialization's data version from (dagster._core.definitions.data_version).
-DATA_VERSION_TAG = "dagster/data_version"
 FAILED_SAMPLE = 20  # failed items named in the Failure metadata
 CHUNK = 256
 
@@ -86,6 +91,10 @@ class StageRunConfig(Config):
     model: str | None = Field(default=None, min_length=1, max_length=255,
                               description="Use this model instead of the configured one for every selected "
                               "stage (set by queued_jobs_sensor from a job payload's `model`).")
+    media_ids: list[int] | None = Field(default=None, description="Only these items of the run's partitions "
+                                        "(`ollama-pipeline run --media`, the refresh schedule); default: all.")
+    batch: str | None = Field(default=None, max_length=128, description="Set by queued_jobs_sensor: the run "
+                              "processes the queued jobs claimed under this name and records their end states.")
 
 
 # ---- the stage registry, read at definition time ---------------------------------------------------
@@ -115,7 +124,7 @@ def media_spec() -> AssetSpec:
     """The `media` asset: one partition per media row, its file checked and hashed."""
     return AssetSpec(
         MEDIA, group_name="library", code_version=MEDIA_CODE_VERSION, skippable=True,
-        description="The media files of the library, one partition per `media.id`. Each file is read inside "
+        description="The media files of the library, partitioned by blocks of `media.id`. Each file is read inside "
         "the media root and decoded; its content SHA-256 (the data version), 64-bit dHash, size and pixel "
         "size go to `ollama_media_index`. Files whose size and mtime are unchanged are not re-read.",
         metadata={"table": "ollama_media_index"})
@@ -230,155 +239,279 @@ def index_media(pipeline: Pipeline, media_ids: Iterable[int], *, force: bool = F
 
 
 @dataclass
+class Block:
+    """The outcome of one asset in one partition during one run (what its materialization reports)."""
+
+    key: str
+    expected: int
+    counts: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)  # why items were skipped (unsupported, known problem)
+    retryable: int = 0
+    calls: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    model_ms: float = 0.0
+    failed: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def seen(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def complete(self) -> bool:
+        return self.seen >= self.expected
+
+    @property
+    def materialized(self) -> bool:
+        """Every item ended correctly: done, or failed for good with a recorded reason."""
+        return self.retryable == 0 and self.counts.get("untouched", 0) == 0
+
+    def add(self, media_id: int, status: str, error: dict[str, Any] | None, calls: int = 0,
+            prompt_tokens: int = 0, output_tokens: int = 0, model_ms: float = 0.0, reason: str | None = None) -> None:
+        self.counts[status] += 1
+        if reason:
+            self.reasons[reason] += 1
+        self.calls += calls
+        self.prompt_tokens += prompt_tokens
+        self.output_tokens += output_tokens
+        self.model_ms += model_ms
+        if status == "failed":
+            error = error or {}
+            self.codes[f"{error.get('channel', '?')}/{error.get('code', '?')}"] += 1
+            self.failed[media_id] = error
+            if error.get("retryable"):
+                self.retryable += 1
+
+
+@dataclass
 class Tally:
-    """Counts of one asset in one run, with the failed items and progress logging every ~10%."""
+    """One asset in one run: a Block per partition, progress logged about every 10% of the items."""
 
     asset: str
-    total: int
+    partitioning: Partitioning
+    blocks: dict[str, Block]
     log: DagsterLogManager
-    counts: Counter[str] = field(default_factory=Counter)
-    failed: dict[int, dict[str, Any]] = field(default_factory=dict)  # media id -> error
     started: float = field(default_factory=time.perf_counter)
     _next_report: int = 0
 
-    def add(self, media_id: int, status: str, error: dict[str, Any] | None = None) -> None:
-        self.counts[status] += 1
-        if status in ("failed", "blocked"):
-            self.failed[media_id] = error or {}
-        done = sum(self.counts.values())
+    @property
+    def total(self) -> int:
+        return sum(b.expected for b in self.blocks.values())
+
+    @property
+    def counts(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for block in self.blocks.values():
+            out.update(block.counts)
+        return out
+
+    @property
+    def failed(self) -> dict[int, dict[str, Any]]:
+        return {i: e for b in self.blocks.values() for i, e in b.failed.items()}
+
+    def add(self, media_id: int, status: str, error: dict[str, Any] | None = None, **metrics: Any) -> Block | None:
+        """Count one item; returns its Block when that was the block's last item."""
+        block = self.blocks[self.partitioning.key_of(media_id)]
+        block.add(media_id, status, error, **metrics)
+        done = sum(b.seen for b in self.blocks.values())
         if done >= self._next_report or done == self.total:
             self._next_report = done + max(1, math.ceil(self.total / 10))
-            self.report(done)
-
-    def report(self, done: int) -> None:
-        rate = done / max(time.perf_counter() - self.started, 1e-6)
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-        self.log.info(f"{self.asset}: {done}/{self.total} items ({counts}), {rate:.1f} items/s")
+            rate = done / max(time.perf_counter() - self.started, 1e-6)
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+            self.log.info(f"{self.asset}: {done}/{self.total} items ({counts}), {rate:.1f} items/s")
+        return block if block.complete else None
 
 
-def _metadata(outcome: Any) -> dict[str, Any]:
-    if outcome.status == "skipped":
-        return {"status": "skipped", "model": outcome.model or "", "fingerprint": (outcome.fingerprint or "")[:12]}
-    m = outcome.metrics
-    return {"status": outcome.status, "model": outcome.model or "", "fingerprint": (outcome.fingerprint or "")[:12],
-            "prompt_eval_count": m.prompt_eval_count, "eval_count": m.eval_count,
-            "total_duration_ms": round(m.total_duration_ms, 1), "load_duration_ms": round(m.load_duration_ms, 1)}
+def stored_totals(pipeline: Pipeline, stage: str, partitioning: Partitioning, key: str) -> dict[str, Any]:
+    """What the partition holds now (all its items, from ollama_stage_results): kept on every
+    materialization, so an unchanged re-run still shows the tokens and model time of its answers."""
+    span = partitioning.block_range(key)
+    if span is None:
+        return {}
+    r = OllamaStageResult
+    with pipeline.engine.connect() as conn:
+        row = conn.execute(select(
+            func.count().filter(r.status == "ok"), func.count().filter(r.status == "failed"),
+            func.coalesce(func.sum(r.prompt_eval_count), 0), func.coalesce(func.sum(r.eval_count), 0),
+            func.coalesce(func.sum(r.total_duration_ms), 0.0),
+        ).where(r.stage == stage, r.media_id.between(*span))).one()
+    return {"stored_ok": int(row[0]), "stored_failed": int(row[1]), "stored_prompt_tokens": int(row[2]),
+            "stored_output_tokens": int(row[3]), "stored_model_time_s": round(float(row[4]) / 1000.0, 3)}
 
 
-def _skipped_event(asset: str, media_id: int, reason: str,
-                   metadata: dict[str, Any]) -> AssetMaterialization | AssetObservation:
-    """An item skipped with a reason: unsupported media is done (materialized, nothing to do); a file
-    problem already reported is observed, so its partition keeps the failure of the run that found it."""
-    metadata = {**metadata, "status": "skipped", "reason": reason}
-    if reason == "unsupported_media_type":
-        return AssetMaterialization(asset_key=asset, partition=str(media_id), metadata=metadata,
-                                    tags={DATA_VERSION_TAG: "unsupported"} if asset == MEDIA else None)
-    return AssetObservation(asset_key=asset, partition=str(media_id), metadata=metadata)
-
-
-def _materialize_media(pipeline: Pipeline, media_ids: list[int], config: StageRunConfig,
-                       tally: Tally, skipped: dict[int, str]) -> Iterator[AssetMaterialization | AssetObservation]:
-    workers = config.concurrency or pipeline.settings.pipeline.concurrency
-    for outcome in index_media(pipeline, media_ids, force=config.force, workers=workers):
-        tally.add(outcome.media_id, outcome.status, outcome.error)
-        if outcome.reason:
-            skipped[outcome.media_id] = outcome.reason
-            yield _skipped_event(MEDIA, outcome.media_id, outcome.reason,
-                                 {"code": (outcome.error or {}).get("code", "")})
-        elif outcome.status != "failed":
-            yield AssetMaterialization(
-                asset_key=MEDIA, partition=str(outcome.media_id),
-                tags={DATA_VERSION_TAG: outcome.content_sha256 or ""},
-                metadata={"status": outcome.status, "content_sha256": (outcome.content_sha256 or "")[:12],
-                          "dhash": outcome.dhash or "", "size_bytes": outcome.size_bytes or 0,
-                          "width": outcome.width or 0, "height": outcome.height or 0})
-
-
-def _materialize_stage(context: AssetExecutionContext, pipeline: Pipeline, stage: Stage, media_ids: list[int],
-                       blocked: dict[int, str], config: StageRunConfig, tally: Tally,
-                       skipped: dict[int, str]) -> Iterator[AssetMaterialization | AssetObservation]:
-    for media_id in media_ids:
-        if media_id in blocked:
-            tally.add(media_id, "blocked", {"channel": "blocked", "code": f"upstream_failed.{blocked[media_id]}",
-                                            "message": f"{blocked[media_id]} failed for this item in this run"})
-        elif media_id in skipped:  # its file cannot be used (reported by `media`): no stage runs for it
-            tally.add(media_id, "skipped")
-            yield _skipped_event(stage.job_type, media_id, skipped[media_id], {"upstream": MEDIA})
-    runnable = [i for i in media_ids if i not in blocked and i not in skipped]
-    for outcome in run_stage(pipeline, stage, runnable, force=config.force, concurrency=config.concurrency,
-                             run_id=context.run_id, model=config.model):
-        tally.add(outcome.media_id, outcome.status, outcome.error)
-        if outcome.reason:
-            yield _skipped_event(stage.job_type, outcome.media_id, outcome.reason,
-                                 {"code": (outcome.error or {}).get("code", "")})
-        elif outcome.status != "failed":
-            yield AssetMaterialization(asset_key=stage.job_type, partition=str(outcome.media_id),
-                                       metadata=_metadata(outcome))
+def block_materialization(pipeline: Pipeline, asset: str, block: Block,
+                          partitioning: Partitioning) -> AssetMaterialization:
+    """The per-partition materialization: this run's counts and cost, plus what the partition holds."""
+    c = block.counts
+    metadata: dict[str, Any] = {
+        "items": block.expected, "written": c.get("written", 0), "unchanged": c.get("unchanged", 0),
+        "skipped": c.get("skipped", 0), "failed": c.get("failed", 0),
+        "failed_by_code": MetadataValue.json(dict(block.codes.most_common())),
+        "skipped_by_reason": MetadataValue.json(dict(block.reasons.most_common())),
+        "model_calls": block.calls, "prompt_tokens": block.prompt_tokens, "output_tokens": block.output_tokens,
+        "model_time_s": round(block.model_ms / 1000.0, 3),
+    }
+    if asset != MEDIA:
+        metadata.update(stored_totals(pipeline, asset, partitioning, block.key))
+    return AssetMaterialization(asset_key=asset, partition=block.key, metadata=metadata)
 
 
 def failure_for(tallies: list[Tally]) -> Failure | None:
-    """A Failure naming, per asset, how many items failed with which channel/code; None if none failed."""
-    failing = [t for t in tallies if t.failed]
+    """A Failure naming, per asset, the partitions with retryable failures and the codes; None if none."""
+    failing = [(t, [b for b in t.blocks.values() if not b.materialized]) for t in tallies]
+    failing = [(t, blocks) for t, blocks in failing if blocks]
     if not failing:
         return None
     parts = []
     by_code: dict[str, dict[str, int]] = {}
     sample: list[dict[str, Any]] = []
-    for tally in failing:
-        codes = Counter(f"{e.get('channel', '?')}/{e.get('code', '?')}" for e in tally.failed.values())
+    failed_keys: list[str] = []
+    for tally, blocks in failing:
+        codes: Counter[str] = Counter()
+        for block in blocks:
+            codes.update(block.codes)
         by_code[tally.asset] = dict(codes.most_common())
-        parts.append(f"{tally.asset}: {len(tally.failed)} of {tally.total} failed ("
+        failed_keys.extend(f"{tally.asset}:{b.key}" for b in blocks)
+        parts.append(f"{tally.asset}: {len(blocks)} of {len(tally.blocks)} partition(s) failed ("
                      + ", ".join(f"{code} x{n}" for code, n in codes.most_common()) + ")")
-        for media_id, error in list(tally.failed.items())[:FAILED_SAMPLE - len(sample)]:
-            sample.append({"asset": tally.asset, "media_id": media_id, "channel": error.get("channel"),
-                           "code": error.get("code"), "message": str(error.get("message", ""))[:200]})
-    failed_ids = sorted({i for t in failing for i in t.failed})
+        for block in blocks:
+            for media_id, error in list(block.failed.items())[:FAILED_SAMPLE - len(sample)]:
+                sample.append({"asset": tally.asset, "partition": block.key, "media_id": media_id,
+                               "channel": error.get("channel"), "code": error.get("code"),
+                               "retryable": error.get("retryable"), "message": str(error.get("message", ""))[:200]})
     return Failure(
-        description="; ".join(parts) + ". Every other item of the run was materialized; once the cause is "
-        "fixed, re-run only the failed partitions (backfill: retry failed).",
-        metadata={"failed_items": len(failed_ids), "failed_by_asset_and_code": MetadataValue.json(by_code),
-                  "failed_media_ids": MetadataValue.text(", ".join(map(str, failed_ids[:200]))),
+        description="; ".join(parts) + ". A partition fails when one of its items failed with a retryable "
+        "error; every other partition of the run was materialized. Once the cause is fixed, re-run the failed "
+        "partitions (backfill: retry failed): their unchanged items cost no model call.",
+        metadata={"failed_partitions": MetadataValue.text(", ".join(failed_keys[:200])),
+                  "failed_by_asset_and_code": MetadataValue.json(by_code),
                   "first_failures": MetadataValue.json(sample)},
         allow_retries=False)
 
 
-def _batched(batcher: EventBatcher, event: AssetMaterialization | AssetObservation) -> Iterable[Any]:
-    return batcher.add(event) if isinstance(event, AssetMaterialization) else (event,)
+def _item_ids(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,
+              partitioning: Partitioning, claimed: list[jobs.Job] | None) -> dict[str, list[int]]:
+    """Partition key -> the items this run works on: the claimed jobs' items, the configured media ids
+    inside the run's partitions, or every item of its partitions."""
+    keys = list(context.partition_keys)
+    if claimed is not None:
+        ids = [job.media_id for job in claimed]
+    elif config.media_ids is not None:
+        wanted = set(keys)
+        ids = [i for i in dict.fromkeys(config.media_ids) if partitioning.key_of(i) in wanted]
+    else:
+        ids = [int(i) for i in partitioning.media_ids(pipeline.engine, keys)]
+    grouped = {key: [] for key in keys}
+    for media_id in ids:
+        grouped.setdefault(partitioning.key_of(media_id), []).append(media_id)
+    return grouped
 
 
 def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,
-                        stages: list[Stage]) -> Iterator[AssetMaterialization | AssetCheckResult | DagsterEvent]:
-    """The body of `ollama_library`: selected assets in dependency order, then raise for failed items."""
+                        stages: list[Stage]) -> Iterator[AssetMaterialization | AssetCheckResult]:
+    """The body of `ollama_library`: selected assets in dependency order, one materialization per partition
+    whose items all ended correctly, then a Failure naming the partitions with retryable failures."""
+    tallies: list[Tally] = []
+    try:
+        yield from _materialize_library(context, pipeline, config, stages, tallies)
+    finally:
+        pipeline.remember_counts(context.run_id, {t.asset: dict(t.counts) for t in tallies})
+
+
+def _materialize_library(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,
+                         stages: list[Stage], tallies: list[Tally]) -> Iterator[AssetMaterialization | AssetCheckResult]:
     selected = context.selected_asset_keys
     checks = set(context.selected_asset_check_keys)
-    tallies: list[Tally] = []
-    failed: dict[str, set[int]] = {}
-    media_ids = [int(k) for k in context.partition_keys] if selected else []
-    batcher = EventBatcher(context)
+    partitioning = Partitioning(size=pipeline.settings.pipeline.partition_size)
+    claimed = jobs.claimed_by_worker(pipeline, config.batch) if config.batch else None
+    grouped = _item_ids(context, pipeline, config, partitioning, claimed) if selected else {}
+    ids = [i for members in grouped.values() for i in members]
+
+    def tally_for(asset: str) -> Tally:
+        return Tally(asset, partitioning, {k: Block(k, len(v)) for k, v in grouped.items()}, context.log)
+
+    def finished(asset: str, tally: Tally, block: Block | None) -> Iterator[AssetMaterialization]:
+        if block is not None and block.materialized:
+            yield block_materialization(pipeline, asset, block, partitioning)
+
+    failed: dict[str, dict[int, dict[str, Any]]] = {}
     skipped: dict[int, str] = {}  # media id -> why its file cannot be used (unsupported, reported problem)
+    for block_key, members in grouped.items():  # partitions without items are materialized as empty
+        if not members:
+            for asset in (MEDIA, *(s.job_type for s in stages)):
+                if AssetKey(asset) in selected:
+                    yield block_materialization(pipeline, asset, Block(block_key, 0), partitioning)
     if AssetKey(MEDIA) in selected:
-        tally = Tally(MEDIA, len(media_ids), context.log)
+        tally = tally_for(MEDIA)
         tallies.append(tally)
-        for event in _materialize_media(pipeline, media_ids, config, tally, skipped):
-            yield from _batched(batcher, event)
-        yield from batcher.flush()
-        failed[MEDIA] = set(tally.failed)
+        workers = config.concurrency or pipeline.settings.pipeline.concurrency
+        for outcome in index_media(pipeline, ids, force=config.force, workers=workers):
+            if outcome.reason:
+                skipped[outcome.media_id] = outcome.reason
+            yield from finished(MEDIA, tally, tally.add(outcome.media_id, outcome.status, outcome.error,
+                                                        reason=outcome.reason))
+        failed[MEDIA] = tally.failed
+    breaker = CircuitBreaker(pipeline.settings.pipeline.circuit_breaker)
     for stage in stages:
+        if breaker.open:
+            break
         if AssetKey(stage.job_type) in selected:
-            # An item whose media or upstream stage failed in this run is not sent to the model.
-            blocked: dict[int, str] = {}
-            for upstream in (MEDIA, *stage.upstream):
-                blocked.update({i: upstream for i in failed.get(upstream, ()) if i not in blocked})
-            tally = Tally(stage.job_type, len(media_ids), context.log)
+            tally = tally_for(stage.job_type)
             tallies.append(tally)
-            for event in _materialize_stage(context, pipeline, stage, media_ids, blocked, config, tally, skipped):
-                yield from _batched(batcher, event)
-            yield from batcher.flush()
-            failed[stage.job_type] = set(tally.failed)
+            # An item whose media or upstream stage failed in this run is not sent to the model.
+            blocked: dict[int, dict[str, Any]] = {}
+            for upstream in (MEDIA, *stage.upstream):
+                for media_id, error in failed.get(upstream, {}).items():
+                    blocked.setdefault(media_id, {
+                        "channel": "blocked", "code": f"upstream_failed.{upstream}",
+                        "retryable": bool(error.get("retryable")),
+                        "message": f"{upstream} failed for this item in this run"})
+            for media_id, error in blocked.items():
+                yield from finished(stage.job_type, tally, tally.add(media_id, "failed", error))
+            for media_id, reason in skipped.items():  # its file cannot be used (reported by `media`)
+                if media_id not in blocked:
+                    blocked[media_id] = {"channel": "skipped", "code": reason, "retryable": False}
+                    yield from finished(stage.job_type, tally, tally.add(media_id, "skipped", reason=reason))
+            if claimed is not None:
+                todo = [job for job in claimed if job.job_type == stage.job_type and job.media_id not in blocked]
+                for job in blocked_jobs(claimed, stage, blocked):
+                    error = None if job.media_id in skipped else blocked[job.media_id]
+                    jobs.finish_claimed(pipeline, job, error, item_status="skipped" if error is None else "failed",
+                                        run_id=context.run_id)
+                for done in jobs.process_claimed(pipeline, todo, run_id=context.run_id,
+                                                 concurrency=config.concurrency, breaker=breaker):
+                    status = done.item_status or ("failed" if done.error else "written")
+                    yield from finished(stage.job_type, tally, tally.add(
+                        done.media_id or 0, status, done.error, calls=done.calls,
+                        prompt_tokens=done.prompt_eval_count, output_tokens=done.eval_count, model_ms=done.model_ms))
+            else:
+                runnable = [i for i in ids if i not in blocked]
+                for outcome in run_stage(pipeline, stage, runnable, force=config.force,
+                                         concurrency=config.concurrency, run_id=context.run_id, model=config.model,
+                                         breaker=breaker):
+                    m = outcome.metrics
+                    yield from finished(stage.job_type, tally, tally.add(
+                        outcome.media_id, outcome.status, outcome.error, reason=outcome.reason, calls=m.calls,
+                        prompt_tokens=m.prompt_eval_count, output_tokens=m.eval_count, model_ms=m.total_duration_ms))
+            failed[stage.job_type] = tally.failed
         yield from evaluate_checks(pipeline.engine, stage, checks)
+    if breaker.open:
+        # Ollama stopped answering: the items not tried stay untouched (no failed stage result), and the step
+        # ends without a Failure so Dagster does not mark their partitions failed; the next run picks them up.
+        untouched = sum(t.counts.get("untouched", 0) for t in tallies)
+        message = (f"circuit breaker: {breaker.consecutive} model calls in a row failed with network errors "
+                   f"({(breaker.last_error or {}).get('code')}); the run stopped, {untouched} item(s) untouched")
+        pipeline.remember_breaker(context.run_id, message)
+        context.log.error(message)
+        return
     failure = failure_for(tallies)
     if failure is not None:
         raise failure
+
+
+def blocked_jobs(claimed: list[jobs.Job], stage: Stage, blocked: dict[int, dict[str, Any]]) -> list[jobs.Job]:
+    return [job for job in claimed if job.job_type == stage.job_type and job.media_id in blocked]
 
 
 def build_library_asset(stages: list[Stage] | None = None) -> AssetsDefinition:
@@ -394,8 +527,10 @@ def build_library_asset(stages: list[Stage] | None = None) -> AssetsDefinition:
             description="Indexes media files and runs the Ollama stages over many media items in one step.")
 
     def ollama_library(context: AssetExecutionContext, config: StageRunConfig,
-                       pipeline: PipelineResource) -> Iterator[AssetMaterialization | AssetCheckResult | DagsterEvent]:
-        yield from materialize_library(context, pipeline.pipeline(), config, stages)
+                       pipeline: PipelineResource) -> Iterator[AssetMaterialization | AssetCheckResult]:
+        core = pipeline.pipeline()
+        with Heartbeat(core, context.run_id):
+            yield from materialize_library(context, core, config, stages)
 
     return decorator(ollama_library)
 

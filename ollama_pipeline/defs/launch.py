@@ -1,9 +1,10 @@
 """In-process Dagster runs over many media items, for the CLI (`ollama-pipeline run`, `make demo`).
 
-`materialize_stages` does what a single-run backfill does: it registers missing `media` partitions on the
-instance, then executes ONE run per contiguous range of the wanted partition keys (normally exactly one)
-with the range run tags, so the runs show up in the Dagster UI like any other and exactly the given
-partitions are materialized. Counts per asset come back from the runs' materialization events.
+`materialize_stages` does what a single-run backfill does: it registers the missing partitions (blocks of
+items) of the wanted items on the instance, then executes ONE run per contiguous range of those partitions
+(normally exactly one) with the range run tags, so the runs show up in the Dagster UI like any other.
+Given media ids, the runs touch only those items of their partitions. Item counts per asset come back from
+the run's own tally (the run executes in this process).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from sqlalchemy import select
 
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.models import Media
-from ollama_pipeline.core.errors import ValidationError
+from ollama_pipeline.core.errors import NetworkError, ValidationError
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA, all_assets, ordered_stages
-from ollama_pipeline.defs.partitions import contiguous_ranges, media_key, range_tags, register_partitions
+from ollama_pipeline.defs.orphans import fail_orphan_runs
+from ollama_pipeline.defs.partitions import contiguous_ranges, range_tags, register_partitions
 from ollama_pipeline.defs.resources import PipelineResource
 
-STATUSES = ("written", "unchanged", "skipped", "failed")
+STATUSES = ("written", "unchanged", "skipped", "failed", "untouched")
 
 
 class RunSummary(BaseModel):
@@ -35,19 +38,22 @@ class RunSummary(BaseModel):
     partitions: int
     success: bool
     failure: str | None = None
+    stopped: str | None = Field(default=None, description="why the run stopped early (circuit breaker)")
 
 
 class MaterializeSummary(BaseModel):
     """What materialize_stages did: runs launched and, per asset, items by status."""
 
     assets: list[str]
-    partitions: int
+    items: int
+    partitions: int = 0
     runs: list[RunSummary] = Field(default_factory=list)
     counts: dict[str, dict[str, int]] = Field(default_factory=dict)  # asset -> status -> items
+    reaped: list[str] = Field(default_factory=list, description="killed runs found and marked failed first")
 
     @property
     def ok(self) -> bool:
-        return all(run.success for run in self.runs)
+        return all(run.success and not run.stopped for run in self.runs)
 
     @property
     def run_ids(self) -> list[str]:
@@ -55,11 +61,14 @@ class MaterializeSummary(BaseModel):
 
     def render(self) -> str:
         """A few lines for a terminal."""
-        lines = [f"{self.partitions} media item(s), {len(self.runs)} Dagster run(s): "
-                 + ", ".join(f"{r.run_id[:8]} {'ok' if r.success else 'FAILED'}" for r in self.runs)]
+        lines = [*self.reaped, f"{self.items} media item(s), {len(self.runs)} Dagster run(s) over "
+                 f"{self.partitions} partition(s): "
+                 + ", ".join(f"{r.run_id[:8]} {'STOPPED' if r.stopped else 'ok' if r.success else 'FAILED'}"
+                             for r in self.runs)]
         for asset, counts in self.counts.items():
             lines.append(f"  {asset:<28} " + "  ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES))
         lines.extend(f"  failure: {r.failure}" for r in self.runs if r.failure)
+        lines.extend(f"  stopped: {r.stopped}" for r in self.runs if r.stopped)
         return "\n".join(lines)
 
 
@@ -90,46 +99,51 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
                        stages: Sequence[str] | None, instance: DagsterInstance, *, force: bool = False,
                        concurrency: int | None = None, include_media: bool = True,
                        log_level: str = "INFO") -> MaterializeSummary:
-    """Materialize stage assets for media items in one in-process run per contiguous partition range.
+    """Materialize stage assets for media items in one in-process run per contiguous range of partitions.
 
     settings: loaded Settings, or a config path (None: the default lookup). media_ids None means every
-    media row. stages None means all registry stages; `media` is included unless include_media=False.
-    Failed items do not raise: they are counted, and their runs are marked failed.
+    media row (then the runs cover whole partitions); given ids, the runs touch only those items.
+    stages None means all registry stages; `media` is included unless include_media=False. Runs whose
+    heartbeat stopped are marked failed first; Ollama must answer its health check. Failed items do not
+    raise: they are counted, and their runs are marked failed.
     """
     resource = _resource(settings)
     pipeline = resource.pipeline()
+    reaped = [f"run {o.run_id} marked failed: {o.reason}" for o in fail_orphan_runs(instance, pipeline)]
+    health = pipeline.client.health()
+    if not health.ok:
+        raise NetworkError(f"Ollama at {health.base_url} does not answer ({health.error_code}): nothing was "
+                           "started. Start Ollama (or the emulator) or fix ollama.base_url, then run again.",
+                           code="network.unavailable")
+    partitioning = Partitioning(size=pipeline.settings.pipeline.partition_size)
     if media_ids is None:
         with pipeline.engine.connect() as conn:
             ids = list(conn.execute(select(Media.id).order_by(Media.id)).scalars())
     else:
         ids = sorted({int(i) for i in media_ids})
     names = resolve_asset_names(stages, include_media=include_media)
-    summary = MaterializeSummary(assets=names, partitions=len(ids))
+    summary = MaterializeSummary(assets=names, items=len(ids), reaped=reaped)
     if not ids:
         return summary
-    keys = [media_key(i) for i in ids]
+    keys = partitioning.keys_of(ids)
+    summary.partitions = len(keys)
     position = register_partitions(instance, keys).positions
     defs = Definitions(assets=all_assets, resources={"pipeline": resource}, executor=in_process_executor)
     job = defs.resolve_implicit_global_asset_job_def()
     selection = [AssetKey(name) for name in names]
-    run_config = {"ops": {LIBRARY_OP: {"config": {"force": force, "concurrency": concurrency}}},
+    config: dict[str, object] = {"force": force, "concurrency": concurrency}
+    if media_ids is not None:
+        config["media_ids"] = ids
+    run_config = {"ops": {LIBRARY_OP: {"config": config}},
                   "loggers": {"console": {"config": {"log_level": log_level}}}}
     counts: dict[str, Counter[str]] = {name: Counter() for name in names}
     for start, end in contiguous_ranges(position, keys):
         size = position[end] - position[start] + 1
         result = job.execute_in_process(instance=instance, asset_selection=selection, run_config=run_config,
                                         tags=range_tags(start, end), raise_on_error=False)
-        done: Counter[str] = Counter()
-        for materialization in result.asset_materializations_for_node(LIBRARY_OP):
-            asset = materialization.asset_key.to_user_string()
-            status = materialization.metadata.get("status")
-            counts[asset][str(status.value) if status is not None else "written"] += 1
-            done[asset] += 1
-        for observation in result.asset_observations_for_node(LIBRARY_OP):  # file problems reported before
-            counts[observation.asset_key.to_user_string()]["skipped"] += 1
-            done[observation.asset_key.to_user_string()] += 1
-        for name in names:
-            counts[name]["failed"] += size - done[name]
+        for asset, found in pipeline.run_counts(result.run_id).items():
+            counts[asset].update(found)
+        stopped = pipeline.breaker_message(result.run_id)
         failure = None
         if not result.success:
             step_failure = result.failure_data_for_node(LIBRARY_OP)
@@ -138,7 +152,7 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
                        else step_failure.error.message.strip() if step_failure and step_failure.error
                        else "run failed")
         summary.runs.append(RunSummary(run_id=result.run_id, range_start=start, range_end=end, partitions=size,
-                                       success=result.success, failure=failure))
+                                       success=result.success, failure=failure, stopped=stopped))
     summary.counts = {name: {s: counts[name].get(s, 0) for s in STATUSES} for name in names}
     return summary
 

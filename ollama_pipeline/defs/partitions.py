@@ -1,8 +1,10 @@
-"""The `media` dynamic partitions: one partition per `media.id` (as a string), in the order ids were added.
+"""The `media_blocks` dynamic partitions: one partition per block of media items (core.partitioning:
+`1-1000`, `1001-2000`, ... for integer ids, `h0042` hash buckets for text ids), added as the library grows.
 
 Dagster stores dynamic partition keys in insertion order, and a run over a range of partitions covers the
-keys between two keys in that order. `contiguous_ranges` turns any set of keys into the fewest such ranges,
-so a run over "these media items" materializes exactly them. This module must not touch the library DB.
+keys between two keys in that order. The new-media sensor adds blocks in id order, so a range of blocks is a
+range of ids. `contiguous_ranges` turns any set of keys into the fewest such ranges. This module must not
+touch the library DB.
 """
 
 from __future__ import annotations
@@ -12,18 +14,13 @@ from typing import NamedTuple
 
 from dagster import DagsterInstance, DynamicPartitionsDefinition
 
-MEDIA_PARTITIONS_NAME = "media"
+MEDIA_PARTITIONS_NAME = "media_blocks"
 
 media_partitions = DynamicPartitionsDefinition(name=MEDIA_PARTITIONS_NAME)
 
 # Run tags that make one run cover a range of partitions (what a single-run backfill launches).
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
-
-
-def media_key(media_id: int) -> str:
-    """The partition key of a media item."""
-    return str(int(media_id))
 
 
 def range_tags(start: str, end: str) -> dict[str, str]:

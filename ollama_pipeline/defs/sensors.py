@@ -1,18 +1,16 @@
-"""`new_media_sensor`: registers new `media` rows as partitions and launches one run over them per tick.
+"""`new_media_sensor`: registers the partitions (blocks) of new `media` rows and launches one run over them.
 
-Each tick reads the ids of `media` rows above the cursor (id only, ordered, at most 25,000), adds the new
-ones to the `media` dynamic partitions and requests ONE run over them (a partition range, the way a
-single-run backfill is launched) that materializes `media` and every stage asset.
+Each tick reads the ids of `media` rows above the cursor (id only, ordered, at most MAX_NEW_PER_TICK), adds
+the blocks they fall in to the `media_blocks` dynamic partitions (core.partitioning) and requests ONE run
+over those blocks (a partition range, the way a single-run backfill is launched) that materializes `media`
+and every stage asset for exactly the new items (their ids in the run config).
 
 The partitions are added by the tick itself with one bulk `instance.add_dynamic_partitions` call (which keys
 exist already is one bounded query; the tick never loads all partition keys, see
-`partitions.register_partitions`), not
-returned as `SensorResult.dynamic_partitions_requests`: the daemon handles such a request with one
-`has_dynamic_partition` query per key, measured at 27 s for 10,000 keys on the SQLite instance, against
-0.1 s for the bulk call. The cursor is the highest id a run was requested for: when Ollama does not answer,
-the tick still registers the partitions but skips the run, and a later tick requests it. The sensor starts
-STOPPED: its first tick on an existing library launches model calls for every item, which a user should
-decide to do.
+`partitions.register_partitions`). The cursor is the highest id a run was requested for: when Ollama does
+not answer, the tick still registers the partitions but skips the run, and a later tick requests it. The
+sensor starts STOPPED: its first tick on an existing library launches model calls for every item, which a
+user should decide to do.
 """
 
 from collections.abc import Sequence
@@ -30,28 +28,38 @@ from dagster import (
 from sqlalchemy import select
 
 from ollama_pipeline.core.db.models import Media
-from ollama_pipeline.defs.assets import MEDIA, ollama_stage_assets
+from ollama_pipeline.core.partitioning import Partitioning
+from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA, ollama_stage_assets
+from ollama_pipeline.defs.orphans import fail_orphan_runs
 from ollama_pipeline.defs.partitions import (
     KeyOrder,
+    as_positions,
     contiguous_ranges,
-    media_key,
     range_tags,
     register_partitions,
 )
 from ollama_pipeline.defs.resources import PipelineResource
 
-MAX_NEW_PER_TICK = 25_000  # Dagster's advice for dynamic partitions added per tick
+MAX_NEW_PER_TICK = 25_000  # new rows per tick (each block of them is one partition)
 TICK_SECONDS = 60
 
 library_asset_keys: list[AssetKey] = [AssetKey(MEDIA), *(spec.key for spec in ollama_stage_assets)]
 
 
-def range_run_requests(ordered_keys: KeyOrder, new_keys: Sequence[str],
+def range_run_requests(ordered_keys: KeyOrder, new_ids: Sequence[int], partitioning: Partitioning,
                        asset_keys: Sequence[AssetKey]) -> list[RunRequest]:
-    """One run request per contiguous range of new_keys in partition order (normally exactly one)."""
-    return [RunRequest(asset_selection=list(asset_keys), tags=range_tags(start, end),
-                       run_key=f"new-media-{start}-{end}")
-            for start, end in contiguous_ranges(ordered_keys, new_keys)]
+    """One run request per contiguous range of the new items' partitions (normally exactly one), each for
+    exactly its new items."""
+    position = as_positions(ordered_keys)
+    groups = partitioning.group(new_ids)
+    requests = []
+    for start, end in contiguous_ranges(ordered_keys, groups):
+        ids = [i for key, members in groups.items() if position[start] <= position[key] <= position[end]
+               for i in members]
+        requests.append(RunRequest(asset_selection=list(asset_keys), tags=range_tags(start, end),
+                                   run_key=f"new-media-{ids[0]}-{ids[-1]}",
+                                   run_config={"ops": {LIBRARY_OP: {"config": {"media_ids": ids}}}}))
+    return requests
 
 
 @sensor(
@@ -65,18 +73,21 @@ def new_media_sensor(context: SensorEvaluationContext, pipeline: PipelineResourc
     """One tick: new media ids above the cursor -> partitions + one range run (or a skip reason)."""
     after = int(context.cursor or 0)
     core = pipeline.pipeline()
+    fail_orphan_runs(context.instance, core)
     with core.engine.connect() as conn:
         ids = conn.execute(select(Media.id).where(Media.id > after).order_by(Media.id)
                            .limit(MAX_NEW_PER_TICK)).scalars().all()
     if not ids:
         return SensorResult(skip_reason=SkipReason(f"no media rows with id above {after}"))
-    keys = [media_key(i) for i in ids]
+    partitioning = Partitioning(size=core.settings.pipeline.partition_size)
+    keys = partitioning.keys_of(ids)
     position, added = register_partitions(context.instance, keys)
     health = core.client.health()
     if not health.ok:
         return SensorResult(skip_reason=SkipReason(
             f"Ollama at {health.base_url} is not reachable: {health.error_code} ({len(added)} new media "
             f"partitions registered; the run over ids {ids[0]}..{ids[-1]} is requested once Ollama answers)"))
-    context.log.info(f"{len(keys)} new media rows ({ids[0]}..{ids[-1]}), {len(added)} new partitions")
-    return SensorResult(run_requests=range_run_requests(position, keys, library_asset_keys),
+    context.log.info(f"{len(ids)} new media rows ({ids[0]}..{ids[-1]}) in {len(keys)} partition(s), "
+                     f"{len(added)} of them new")
+    return SensorResult(run_requests=range_run_requests(position, ids, partitioning, library_asset_keys),
                         cursor=str(ids[-1]))

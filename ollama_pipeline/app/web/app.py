@@ -36,6 +36,7 @@ from ollama_pipeline.core.errors import (
     ValidationError,
 )
 from ollama_pipeline.core.export import export_records
+from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.queue import store as jobs
 from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline.core.stages import STAGES
@@ -75,9 +76,11 @@ class WebState:
         return HTMLResponse(body, status_code=status_code)
 
 
-def dagster_partition_url(base: str, asset: str, media_id: int) -> str:
-    """The Dagster UI page of one asset partition (Dagster 1.13: /assets/<key>?view=partitions&partition=)."""
-    return f"{base.rstrip('/')}/assets/{asset}?" + urlencode({"view": "partitions", "partition": str(media_id)})
+def dagster_partition_url(base: str, asset: str, media_id: int, partition_size: int = 1000) -> str:
+    """The Dagster UI page of the asset partition (a block of items, core.partitioning) that holds an item
+    (Dagster 1.13: /assets/<key>?view=partitions&partition=)."""
+    key = Partitioning(size=partition_size).key_of(media_id)
+    return f"{base.rstrip('/')}/assets/{asset}?" + urlencode({"view": "partitions", "partition": key})
 
 
 def error_status(exc: OllamaPipelineError) -> int:
@@ -173,14 +176,16 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         versions = queries.current_versions()
         for row in data.stages:
             row["stale"] = row.get("status") == "ok" and row.get("version") != versions.get(row["stage"])
-            row["dagster_url"] = dagster_partition_url(state.settings.pipeline.dagster_ui_url, row["stage"], media_id)
+            row["dagster_url"] = dagster_partition_url(state.settings.pipeline.dagster_ui_url, row["stage"], media_id,
+                                                       state.settings.pipeline.partition_size)
         views = meta_views(data.meta)
         recon = next((v for v in views if v.key == "ollama.prompt_reconstruction"), None)
         return state.render(request, "item.html", item=data, media=data.media, views=views, recon=recon,
                             other_meta={k: v for k, v in data.meta.items() if not k.startswith("ollama.")},
                             cards=card_values(data.meta, data.media.get("quality_status")),
                             dagster_link=dagster_partition_url(state.settings.pipeline.dagster_ui_url,
-                                                               next(iter(STAGES), "media"), media_id),
+                                                               next(iter(STAGES), "media"), media_id,
+                                                               state.settings.pipeline.partition_size),
                             versions=versions)
 
     def _export(media_id: int) -> JSONResponse:

@@ -246,3 +246,20 @@ class OllamaTagLink(Base):
 GALLERY_TABLES = ("media", "prompts", "tags", "media_tags", "scan_results", "media_meta",
                   "media_lifecycle_events", "audit_log")
 PIPELINE_TABLES = ("ollama_jobs", "ollama_stage_results", "ollama_media_index", "ollama_values", "ollama_tag_links")
+
+
+class OllamaRunHeartbeat(Base):
+    """One row per pipeline run (a Dagster run or a CLI run), renewed while it works: a row still `running`
+    whose heartbeat is older than four of its intervals belongs to a killed process (see core.queue.heartbeats)."""
+
+    __tablename__ = "ollama_run_heartbeats"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|ended|failed
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    interval_s: Mapped[float] = mapped_column(Float, default=10.0)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    reason: Mapped[str | None] = mapped_column(Text)

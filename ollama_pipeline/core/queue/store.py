@@ -1,4 +1,8 @@
-"""The job API of the seed (§3): enqueue, claim and process `ollama_jobs`, plus retry, cancel and counts.
+"""The job table (`ollama_jobs`) and all of its SQL: enqueue, claim, leases, finish, retry, cancel, counts.
+
+The queue is split by concern: `models` (statuses, payloads, typed results, the `JobTable` interface),
+`store` (this module: the one place that holds the table's SQL) and `worker` (running claimed jobs; its
+names stay importable from here). A gallery job table of its own implements the same `JobTable` operations.
 
 Invariants live in the database, not in Python (procrastinate style):
 
@@ -31,19 +35,29 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic import ValidationError as PydanticValidationError
-from sqlalchemy import Connection, case, func, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.models import Media, OllamaJob
@@ -53,18 +67,44 @@ from ollama_pipeline.core.errors import (
     QueueLimitError,
     ValidationError,
 )
-from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
-from ollama_pipeline.core.runner import ItemOutcome, Pipeline, run_item
+from ollama_pipeline.core.jsontext import canonical_json
+from ollama_pipeline.core.queue.models import (
+    ACTIVE_STATUSES,
+    JOB_STATUSES,
+    PAYLOAD_MODELS,
+    EnqueueResult,
+    Job,
+    JobOutcome,
+    JobPayload,
+    JobStatus,
+    ProcessSummary,
+    ProgressCallback,
+    QueueCounts,
+    payload_model,
+    tally_outcome,
+    validate_payload,
+)
+from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline.core.selection import MediaSelection
-from ollama_pipeline.core.stages import STAGES, get_stage
+from ollama_pipeline.core.stages import STAGES
 
-JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
-JOB_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
-ACTIVE_STATUSES: tuple[str, ...] = ("queued", "running")
+_WORKER_NAMES = ("LeaseKeeper", "process_claimed", "process_ollama_job", "process_jobs", "run_claimed")
+__all__ = ["ACTIVE_STATUSES", "JOB_STATUSES", "PAYLOAD_MODELS", "EnqueueResult", "Job", "JobOutcome", "JobPayload",
+           "JobStatus", "ProcessSummary", "ProgressCallback", "QueueCounts", "payload_model", "tally_outcome",
+           "validate_payload", *_WORKER_NAMES]
+
+
+def __getattr__(name: str) -> Any:
+    """The worker's functions, reachable here as before the split (imported on first use: no cycle)."""
+    if name in _WORKER_NAMES:
+        from ollama_pipeline.core.queue import worker
+
+        return getattr(worker, name)
+    raise AttributeError(name)
+
 _ACTIVE_WHERE = text("status IN ('queued', 'running')")
 _ENQUEUE_LOCK_KEY = 0x6F6C6C616D61  # "ollama": the advisory lock that serialises enqueues on PostgreSQL
 _MAX_BACKOFF_S = 60.0
-_enrich_lock = threading.Lock()
 
 
 def _now() -> datetime:
@@ -74,157 +114,6 @@ def _now() -> datetime:
 def default_worker() -> str:
     """A worker name that is unique per host and process."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-# ---- payloads ------------------------------------------------------------------------------------
-
-
-class JobPayload(BaseModel):
-    """The payload every job type accepts: force a model call, override the model, set a priority."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    force: bool = Field(default=False, description="Call the model even when the inputs did not change.")
-    model: str | None = Field(default=None, min_length=1, max_length=255,
-                              description="Use this model instead of the configured one.")
-    priority: int = Field(default=0, ge=0, le=100, description="Higher runs first (0..100).")
-
-
-# One payload model per job type; every stage uses the common base until one needs more.
-PAYLOAD_MODELS: dict[str, type[JobPayload]] = {job_type: JobPayload for job_type in STAGES}
-
-
-def payload_model(job_type: str) -> type[JobPayload]:
-    """The payload model of a job type (validation.job_type for an unknown one)."""
-    get_stage(job_type)
-    return PAYLOAD_MODELS.get(job_type, JobPayload)
-
-
-def validate_payload(job_type: str, payload: dict[str, Any] | None) -> JobPayload:
-    """Parse a job payload; the error message names every offending field."""
-    model = payload_model(job_type)
-    if payload is None:
-        return model()
-    if not isinstance(payload, dict):
-        raise ValidationError(f"payload for {job_type} must be a JSON object, got {type(payload).__name__}",
-                              code="validation.payload")
-    try:
-        return model.model_validate(payload)
-    except PydanticValidationError as exc:
-        parts = []
-        for item in exc.errors():
-            name = ".".join(str(p) for p in item["loc"]) or "payload"
-            if item["type"] == "extra_forbidden":
-                parts.append(f"field '{name}' is not allowed (allowed: {', '.join(model.model_fields)})")
-            else:
-                parts.append(f"field '{name}': {item['msg']} (got {item.get('input')!r})")
-        raise ValidationError(f"invalid payload for {job_type}: {'; '.join(parts)}", code="validation.payload",
-                              details={"fields": [".".join(str(p) for p in e["loc"]) for e in exc.errors()]}
-                              ) from None
-
-
-# ---- result models -------------------------------------------------------------------------------
-
-
-class Job(BaseModel):
-    """One row of `ollama_jobs`, payload parsed."""
-
-    id: int
-    job_type: str
-    media_id: int
-    payload: dict[str, Any] = Field(default_factory=dict)
-    status: str
-    priority: int = 0
-    attempts: int = 0
-    max_attempts: int = 3
-    lease_until: datetime | None = None
-    worker: str | None = None
-    run_id: str | None = None
-    error_channel: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    retryable: bool | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-    @classmethod
-    def from_row(cls, row: Any) -> Job:
-        data = dict(row)
-        loaded = loads_or_none(data.get("payload"))
-        data["payload"] = loaded if isinstance(loaded, dict) else {}
-        return cls.model_validate(data)
-
-    @property
-    def options(self) -> JobPayload:
-        """The stored payload as its model (unknown keys from older versions are dropped)."""
-        model = PAYLOAD_MODELS.get(self.job_type, JobPayload)
-        return model.model_validate({k: v for k, v in self.payload.items() if k in model.model_fields})
-
-
-class EnqueueResult(BaseModel):
-    """What `enqueue_ollama` did: a new queued job, or the id of the active job that already holds the slot."""
-
-    job_id: int
-    status: Literal["queued", "deduplicated"]
-    job_type: str
-    media_id: int
-
-
-class JobOutcome(BaseModel):
-    """What `process_ollama_job` did with one job."""
-
-    job_id: int
-    media_id: int | None = None
-    job_type: str | None = None
-    claimed: bool = Field(description="False when the job was not claimable (done, failed, running elsewhere).")
-    status: str = Field(description="The job's status afterwards: done, queued (retry), failed, running, ...")
-    item_status: str | None = Field(default=None, description="written | unchanged | skipped | failed")
-    attempt: int = 0
-    model: str | None = None
-    duration_ms: float = 0.0
-    prompt_eval_count: int = 0
-    eval_count: int = 0
-    changed_keys: list[str] = Field(default_factory=list)
-    error: dict[str, Any] | None = None
-    lease_lost: bool = False
-    next_attempt_at: datetime | None = None
-
-
-class QueueCounts(BaseModel):
-    """Jobs per status, overall and per job type."""
-
-    total: dict[str, int]
-    by_type: dict[str, dict[str, int]]
-
-
-def tally_outcome(summary: BaseModel, outcome: JobOutcome) -> None:
-    """Count one finished job on a summary with `succeeded`, `retried`, `failed` and `lease_lost` counters."""
-    field = ("lease_lost" if outcome.lease_lost else "succeeded" if outcome.status == "done"
-             else "retried" if outcome.status == "queued" else "failed")
-    setattr(summary, field, getattr(summary, field) + 1)
-
-
-class ProcessSummary(BaseModel):
-    """What one `process_jobs` call did."""
-
-    worker: str
-    processed: int = 0
-    succeeded: int = 0
-    retried: int = 0
-    failed: int = 0
-    lease_lost: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-
-ProgressCallback = Callable[[JobOutcome, int, int], None]
-"""progress(outcome, done, total) after each processed job; total grows when more jobs show up."""
 
 
 # ---- logging helpers ------------------------------------------------------------------------------
@@ -388,6 +277,31 @@ def requeue_expired(pipeline: Pipeline) -> int:
     return len(events)
 
 
+def upstream_closure(job_type: str) -> tuple[str, ...]:
+    """Every stage a job type depends on (registry `upstream`, transitively), nearest first."""
+    found: list[str] = []
+    todo = list(STAGES[job_type].upstream) if job_type in STAGES else []
+    while todo:
+        name = todo.pop(0)
+        if name not in found:
+            found.append(name)
+            todo.extend(STAGES[name].upstream if name in STAGES else ())
+    return tuple(found)
+
+
+def _waits_for_upstream() -> ColumnElement[bool]:
+    """True for a job whose upstream stage has a queued or running job for the same item: it is not
+    claimable until that job ends (a title is made from the caption, so it waits for the caption job)."""
+    upstream = aliased(OllamaJob)
+    pairs = [and_(OllamaJob.job_type == job_type, upstream.job_type.in_(ups))
+             for job_type in STAGES if (ups := upstream_closure(job_type))]
+    if not pairs:
+        return false()
+    return exists(select(upstream.id).where(upstream.media_id == OllamaJob.media_id,
+                                            upstream.status.in_(ACTIVE_STATUSES), upstream.id != OllamaJob.id,
+                                            or_(*pairs)))
+
+
 def _claim_values(pipeline: Pipeline, worker: str, now: datetime) -> dict[str, Any]:
     return {"status": "running", "attempts": OllamaJob.attempts + 1, "worker": worker[:128],
             "lease_until": now + timedelta(seconds=pipeline.settings.pipeline.queue.lease_seconds),
@@ -406,7 +320,7 @@ def claim_jobs(pipeline: Pipeline, worker: str, limit: int, job_types: Iterable[
         events = _expire_leases(conn, now)
         q = (select(OllamaJob.id)
              .where(OllamaJob.status == "queued",
-                    (OllamaJob.lease_until.is_(None)) | (OllamaJob.lease_until <= now))
+                    (OllamaJob.lease_until.is_(None)) | (OllamaJob.lease_until <= now), ~_waits_for_upstream())
              .order_by(OllamaJob.priority.desc(), OllamaJob.id).limit(limit)
              .with_for_update(skip_locked=True))  # rendered on PostgreSQL; SQLite holds BEGIN IMMEDIATE
         if types is not None:
@@ -436,7 +350,8 @@ def _claim_one(pipeline: Pipeline, job_id: int, worker: str) -> tuple[Job | None
     def work(conn: Connection) -> tuple[list[tuple[str, Job]], Job | None, Job | None]:
         now = _now()
         events = _expire_leases(conn, now)
-        row = conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "queued")
+        row = conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "queued",
+                                                   ~_waits_for_upstream())
                            .values(**_claim_values(pipeline, worker, now))
                            .returning(*OllamaJob.__table__.c)).mappings().first()
         if row is not None:
@@ -486,6 +401,38 @@ def assign_claims(pipeline: Pipeline, worker: str, assignments: dict[str, list[i
     return released
 
 
+def release_claims(pipeline: Pipeline, claimed: Iterable[Job]) -> int:
+    """Put claimed jobs back in the queue untried (their attempt is not counted), fenced on the claim."""
+    fences = [(job.id, job.attempts) for job in claimed]
+
+    def work(conn: Connection) -> int:
+        now = _now()
+        return sum(conn.execute(update(OllamaJob).where(
+            OllamaJob.id == job_id, OllamaJob.status == "running", OllamaJob.attempts == attempt)
+            .values(status="queued", attempts=OllamaJob.attempts - 1, worker=None, lease_until=None,
+                    started_at=None, updated_at=now)).rowcount for job_id, attempt in fences)
+
+    return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="release claims") if fences else 0
+
+
+def claimed_by_worker(pipeline: Pipeline, worker: str) -> list[Job]:
+    """The running jobs claimed under exactly this worker name (a Dagster run's batch), by id."""
+    with pipeline.engine.connect() as conn:
+        rows = conn.execute(select(OllamaJob).where(OllamaJob.status == "running",
+                                                    OllamaJob.worker == worker[:128]).order_by(OllamaJob.id)).mappings()
+        return [Job.from_row(r) for r in rows]
+
+
+def expire_claims(pipeline: Pipeline, worker: str) -> int:
+    """End the leases of a dead worker's jobs now, so the next claim requeues them (a killed Dagster run)."""
+
+    def work(conn: Connection) -> int:
+        return conn.execute(update(OllamaJob).where(OllamaJob.status == "running", OllamaJob.worker == worker[:128])
+                            .values(lease_until=_now() - timedelta(seconds=1))).rowcount
+
+    return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="expire claims")
+
+
 def claimed_by(pipeline: Pipeline, worker_prefix: str) -> list[Job]:
     """Running jobs whose worker name starts with worker_prefix (e.g. the claims of Dagster runs), by id."""
     with pipeline.engine.connect() as conn:
@@ -511,59 +458,6 @@ def renew_claims(pipeline: Pipeline, jobs: Iterable[Job], lease_seconds: float) 
         return renewed
 
     return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="renew claims")
-
-
-class LeaseKeeper:
-    """Renews the leases of the jobs a worker is running, so only a dead worker's jobs expire."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.interval = max(0.2, pipeline.settings.pipeline.queue.lease_seconds / 3.0)
-        self._jobs: dict[int, int] = {}  # job id -> claimed attempt (the fence)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread = threading.Thread(target=self._run, name="ollama-lease-keeper", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def track(self, job: Job) -> None:
-        with self._lock:
-            self._jobs[job.id] = job.attempts
-
-    def untrack(self, job: Job) -> None:
-        with self._lock:
-            self._jobs.pop(job.id, None)
-
-    def renew(self) -> None:
-        with self._lock:
-            jobs = dict(self._jobs)
-        if not jobs:
-            return
-        lease = timedelta(seconds=self.pipeline.settings.pipeline.queue.lease_seconds)
-
-        def work(conn: Connection) -> None:
-            now = _now()
-            for job_id, attempt in jobs.items():
-                conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "running",
-                                                     OllamaJob.attempts == attempt)
-                             .values(lease_until=now + lease))
-
-        try:
-            repository.with_retry(self.pipeline.engine, work, retries=_retries(self.pipeline), what="renew leases")
-        except OllamaPipelineError as exc:  # the next renewal tries again; a lost lease is fenced at finish
-            self.pipeline.logs.error(exc, operation="renew_leases", jobs=sorted(jobs))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.renew()
 
 
 # ---- processing ----------------------------------------------------------------------------------
@@ -604,58 +498,17 @@ def _finish(pipeline: Pipeline, job: Job, error: dict[str, Any] | None) -> tuple
     return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"finish job {job.id}")
 
 
-def _run_claimed(pipeline: Pipeline, job: Job, keeper: LeaseKeeper | None = None) -> JobOutcome:
-    """Run a claimed job's stage through the runner and record the job's new state."""
-    started = time.perf_counter()
-    model = _model_for(pipeline, job.job_type, job.payload)
-    outcome: ItemOutcome | None = None
-    if keeper is not None:
-        keeper.track(job)
-    try:
-        try:
-            stage = get_stage(job.job_type)
-            options = job.options
-            inputs = repository.load_inputs(pipeline.engine, job.media_id)
-            if stage.enrich is not None:
-                with _enrich_lock:
-                    stage.enrich(pipeline, {job.media_id: inputs})
-            state = repository.stage_states(pipeline.engine, stage.job_type, [job.media_id]).get(job.media_id)
-            outcome = run_item(pipeline, stage, inputs, state=state, force=options.force, model=options.model,
-                               job_id=job.id, run_id=job.run_id)
-            error = outcome.error if outcome.status == "failed" else None
-            model = outcome.model or model
-        except OllamaPipelineError as exc:  # before the model call: unknown type, media gone, bad stored payload
-            pipeline.logs.error(exc, job_id=job.id, media_id=job.media_id, job_type=job.job_type, model=model)
-            error = exc.to_dict()
-        except PydanticValidationError as exc:
-            err = ValidationError(f"stored payload of job {job.id} is invalid: {exc.errors()[0]['msg']}",
-                                  code="validation.payload")
-            pipeline.logs.error(err, job_id=job.id, media_id=job.media_id, job_type=job.job_type, model=model)
-            error = err.to_dict()
-        status, not_before = _finish(pipeline, job, error)
-    finally:
-        if keeper is not None:
-            keeper.untrack(job)
-    duration = (time.perf_counter() - started) * 1000.0
-    metrics = outcome.metrics if outcome is not None else None
-    return _report(pipeline, job, status, not_before, error=error, model=model, duration_ms=duration,
-                   item_status=outcome.status if outcome else None,
-                   changed_keys=outcome.changed_keys if outcome else [],
-                   prompt_eval_count=metrics.prompt_eval_count if metrics else 0,
-                   eval_count=metrics.eval_count if metrics else 0, calls=metrics.calls if metrics else 0)
-
-
 def _report(pipeline: Pipeline, job: Job, status: str | None, not_before: datetime | None, *,
             error: dict[str, Any] | None, model: str | None, duration_ms: float, item_status: str | None,
             changed_keys: list[str], prompt_eval_count: int, eval_count: int, calls: int,
-            **extra: Any) -> JobOutcome:
+            model_ms: float = 0.0, **extra: Any) -> JobOutcome:
     """The JobOutcome of a finished claim and its one jobs-log line (succeeded, retried, failed, lease_lost)."""
     common = {"job_id": job.id, "media_id": job.media_id, "job_type": job.job_type, "model": model,
               "attempt": job.attempts, "duration_ms": duration_ms, "prompt_eval_count": prompt_eval_count,
               "eval_count": eval_count}
     result = JobOutcome(claimed=True, status=status or "running", item_status=item_status,
                         changed_keys=changed_keys, error=error, lease_lost=status is None,
-                        next_attempt_at=not_before, **common)
+                        next_attempt_at=not_before, calls=calls, model_ms=model_ms, **common)
     err_fields = {"channel": error.get("channel"), "code": error.get("code"), "retryable": error.get("retryable"),
                   "message": error.get("message")} if error else {}
     if status is None:
@@ -685,101 +538,6 @@ def finish_claimed(pipeline: Pipeline, job: Job, error: dict[str, Any] | None, *
     return _report(pipeline, job, status, not_before, error=error, model=model, duration_ms=duration_ms,
                    item_status=item_status, changed_keys=list(changed_keys), prompt_eval_count=prompt_eval_count,
                    eval_count=eval_count, calls=calls, **extra)
-
-
-def process_ollama_job(pipeline: Pipeline, job_id: int, *, worker: str | None = None) -> JobOutcome:
-    """Claim one job (queued, or running with an expired lease), run its stage and record the outcome."""
-    worker = worker or default_worker()
-    claimed, current = _claim_one(pipeline, job_id, worker)
-    if claimed is None:
-        assert current is not None
-        return JobOutcome(job_id=current.id, media_id=current.media_id, job_type=current.job_type, claimed=False,
-                          status=current.status, attempt=current.attempts,
-                          model=_model_for(pipeline, current.job_type, current.payload))
-    with LeaseKeeper(pipeline) as keeper:
-        return _run_claimed(pipeline, claimed, keeper)
-
-
-def _next_due(pipeline: Pipeline, job_types: list[str] | None) -> datetime | None:
-    """When the earliest queued job in backoff becomes claimable (None: no such job)."""
-    with pipeline.engine.connect() as conn:
-        q = select(func.min(OllamaJob.lease_until)).where(OllamaJob.status == "queued",
-                                                          OllamaJob.lease_until.is_not(None))
-        if job_types is not None:
-            q = q.where(OllamaJob.job_type.in_(job_types))
-        return conn.execute(q).scalar()
-
-
-def _count_queued(pipeline: Pipeline, job_types: list[str] | None) -> int:
-    with pipeline.engine.connect() as conn:
-        q = select(func.count()).select_from(OllamaJob).where(OllamaJob.status == "queued")
-        if job_types is not None:
-            q = q.where(OllamaJob.job_type.in_(job_types))
-        return int(conn.execute(q).scalar() or 0)
-
-
-def process_jobs(pipeline: Pipeline, worker: str | None = None, *, limit: int | None = None,
-                 concurrency: int | None = None, job_types: Iterable[str] | None = None,
-                 progress: ProgressCallback | None = None, wait_for_retries: bool = True) -> ProcessSummary:
-    """Drain the queue with a thread pool: claim as many jobs as there are free threads, run, repeat.
-
-    Returns when no job is claimable, nothing is running here and (with wait_for_retries) no queued job
-    waits for its backoff; or after `limit` claims.
-    """
-    worker = worker or default_worker()
-    threads = max(1, concurrency or pipeline.settings.pipeline.concurrency)
-    types = list(job_types) if job_types is not None else None
-    summary = ProcessSummary(worker=worker)
-    started = time.perf_counter()
-    total = _count_queued(pipeline, types)
-    if limit is not None:
-        total = min(total, limit)
-    claimed_count = 0
-    inflight: dict[Future[JobOutcome], Job] = {}
-    with LeaseKeeper(pipeline) as keeper, ThreadPoolExecutor(max_workers=threads,
-                                                             thread_name_prefix="ollama-job") as pool:
-        while True:
-            room = threads - len(inflight)
-            if limit is not None:
-                room = min(room, limit - claimed_count)
-            claimed: list[Job] = []
-            if room > 0:
-                try:
-                    claimed = claim_jobs(pipeline, worker, room, types)
-                except PersistenceError as exc:  # a busy database: finish what runs, claim again later
-                    if not inflight:
-                        raise
-                    pipeline.logs.error(exc, worker=worker, operation="claim")
-                for job in claimed:
-                    keeper.track(job)
-                    inflight[pool.submit(_run_claimed, pipeline, job, keeper)] = job
-                claimed_count += len(claimed)
-                total = max(total, summary.processed + len(inflight))
-            if not inflight:
-                if limit is not None and claimed_count >= limit:
-                    break
-                due = _next_due(pipeline, types) if wait_for_retries else None
-                if due is None:
-                    break
-                time.sleep(min(1.0, max(0.01, (due - _now()).total_seconds())))
-                continue
-            done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
-            for fut in done:
-                job = inflight.pop(fut)
-                try:
-                    outcome = fut.result()
-                except OllamaPipelineError as exc:  # recording the outcome failed: the lease will expire
-                    pipeline.logs.error(exc, job_id=job.id, media_id=job.media_id, job_type=job.job_type,
-                                        worker=worker)
-                    summary.errors += 1
-                    keeper.untrack(job)
-                    continue
-                summary.processed += 1
-                tally_outcome(summary, outcome)
-                if progress is not None:
-                    progress(outcome, summary.processed, max(total, summary.processed + len(inflight)))
-    summary.seconds = round(time.perf_counter() - started, 3)
-    return summary
 
 
 # ---- management ----------------------------------------------------------------------------------
