@@ -77,6 +77,15 @@ def _scan_positions(instance: DagsterInstance, wanted: set[str]) -> tuple[dict[s
         cursor = page.cursor
 
 
+def _existing(instance: DagsterInstance, keys: list[str]) -> set[str]:
+    """Which of the keys exist: one bounded query where the instance has it (newer Dagster releases), else
+    one lookup per key (a tick's keys are blocks of items: a handful)."""
+    bulk = getattr(instance, "get_existing_dynamic_partitions", None)
+    if bulk is not None:
+        return set(bulk(MEDIA_PARTITIONS_NAME, keys))
+    return {key for key in keys if instance.has_dynamic_partition(MEDIA_PARTITIONS_NAME, key)}
+
+
 class Registered(NamedTuple):
     """What `register_partitions` did: the position of every given key, and the keys it added."""
 
@@ -92,7 +101,7 @@ def register_partitions(instance: DagsterInstance, keys: Sequence[str]) -> Regis
     Never loads every partition key: new keys are checked with a bounded query, and only when some keys
     were registered before are positions read, page by page (100,000 partitions: 10 queries)."""
     wanted = list(dict.fromkeys(keys))
-    existing = instance.get_existing_dynamic_partitions(MEDIA_PARTITIONS_NAME, wanted) if wanted else set()
+    existing = _existing(instance, wanted) if wanted else set()
     missing = [key for key in wanted if key not in existing]
     if existing:
         positions, total = _scan_positions(instance, set(existing))
