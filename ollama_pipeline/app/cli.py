@@ -173,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_stages_through_dagster(settings, stages, media_ids=media_ids,
                                          force=args.force, config_path=args.config)
     print(summary.render())
-    return 0 if summary.ok else 1
+    return 0 if summary.all_items_ok else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -417,6 +417,14 @@ def materialize_library(context: AssetExecutionContext, pipeline: Pipeline, conf
         yield from _materialize_library(context, pipeline, config, stages, tallies)
     finally:
         pipeline.remember_counts(context.run_id, {t.asset: dict(t.counts) for t in tallies})
+        codes: dict[str, dict[str, int]] = {}
+        for t in tallies:
+            found: Counter[str] = Counter()
+            for block in t.blocks.values():
+                found.update(block.codes)
+            if found:
+                codes[t.asset] = dict(found.most_common())
+        pipeline.remember_counts(f"codes:{context.run_id}", codes)
 
 
 def _materialize_library(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,

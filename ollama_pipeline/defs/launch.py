@@ -50,6 +50,12 @@ class MaterializeSummary(BaseModel):
     runs: list[RunSummary] = Field(default_factory=list)
     counts: dict[str, dict[str, int]] = Field(default_factory=dict)  # asset -> status -> items
     reaped: list[str] = Field(default_factory=list, description="killed runs found and marked failed first")
+    failed_codes: dict[str, dict[str, int]] = Field(default_factory=dict)  # asset -> channel/code -> items
+
+    @property
+    def all_items_ok(self) -> bool:
+        """No item failed in these runs (the CLI's exit code; a partition may be materialized anyway)."""
+        return self.ok and not any(c.get("failed", 0) for c in self.counts.values())
 
     @property
     def ok(self) -> bool:
@@ -69,6 +75,8 @@ class MaterializeSummary(BaseModel):
             lines.append(f"  {asset:<28} " + "  ".join(f"{s} {counts.get(s, 0)}" for s in STATUSES))
         lines.extend(f"  failure: {r.failure}" for r in self.runs if r.failure)
         lines.extend(f"  stopped: {r.stopped}" for r in self.runs if r.stopped)
+        for asset, codes in self.failed_codes.items():
+            lines.append(f"  failed items of {asset}: " + ", ".join(f"{c} x{n}" for c, n in codes.items()))
         return "\n".join(lines)
 
 
@@ -143,6 +151,8 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
                                         tags=range_tags(start, end), raise_on_error=False)
         for asset, found in pipeline.run_counts(result.run_id).items():
             counts[asset].update(found)
+        for asset, found in pipeline.run_counts(f"codes:{result.run_id}").items():
+            summary.failed_codes.setdefault(asset, Counter()).update(found)
         stopped = pipeline.breaker_message(result.run_id)
         failure = None
         if not result.success:
