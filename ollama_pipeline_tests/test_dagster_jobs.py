@@ -382,7 +382,7 @@ def test_refresh_schedule_reruns_stale_and_retryable_failed_items_only(
 def test_definitions_work_the_queue_with_one_running_sensor_and_a_stopped_refresh_schedule() -> None:
     """The code location works the queue with one sensor, running by default; the schedule starts stopped."""
     assert defs.resolve_sensor_def("queued_jobs_sensor").default_status == DefaultSensorStatus.RUNNING
-    assert {s.name for s in defs.sensors} - {"downstream_automation_sensor"} == {"queued_jobs_sensor", "new_media_sensor"}
+    assert {s.name for s in defs.sensors} - {"ollama_downstream_automation"} == {"queued_jobs_sensor", "new_media_sensor"}
     schedule = defs.resolve_schedule_def("ollama_refresh_schedule")
     assert schedule.default_status == DefaultScheduleStatus.STOPPED and schedule.cron_schedule == "0 3 * * *"
 
