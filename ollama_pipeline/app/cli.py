@@ -2,6 +2,11 @@
 
 Every command exits 0 on success and 2 on a typed pipeline error, printing one line
 `error [channel/code]: message` to stderr (never a traceback for an expected failure).
+
+Start-up stays cheap (issue 13 item 7): this module imports only the standard library and
+`core.errors`; configuration (pydantic), SQLAlchemy, Dagster and the other command modules are imported
+inside the handler that needs them. `--help` lists the other modules' commands from COMMAND_MODULES
+without importing them.
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ollama_pipeline.core.config import Settings, load_settings
 from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
+
+if TYPE_CHECKING:
+    from ollama_pipeline.core.config import Settings
 
 Handler = Callable[[argparse.Namespace], int]
 USAGE_CODE = "validation.payload"
@@ -38,7 +46,15 @@ def arg_type(check: Callable[[str, str], object], name: str) -> Callable[[str], 
     return convert
 
 
+def _positive_int(value: str, name: str) -> int:
+    from ollama_pipeline.core.selection import positive_int  # SQLAlchemy: only when the value is parsed
+
+    return positive_int(value, name)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    from ollama_pipeline.core.config import load_settings
+
     return load_settings(getattr(args, "config", None))
 
 
@@ -193,9 +209,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    from ollama_pipeline.core.selection import positive_int
+# Commands registered by other modules (`register(subparsers)`): name -> (module, the help line of the
+# top-level `--help`). The top-level help is built from this table, so it imports none of these modules
+# (the bench alone imports Dagster: seconds); a command word imports only the module that has it. A command
+# a module registers but this table lacks still runs (every module is then imported); test_cli_start.py
+# checks that the table matches what the modules register.
+COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "enqueue": ("ollama_pipeline.app.cli_jobs", "queue jobs for media items (deduplicated against active jobs)"),
+    "process": ("ollama_pipeline.app.cli_jobs", "process queued jobs (a worker) or one job"),
+    "jobs": ("ollama_pipeline.app.cli_jobs", "inspect and manage the job queue"),
+    "web": ("ollama_pipeline.app.web.cli", "serve the web UI (gallery, item pages, re-runs, queue)"),
+    "docs": ("ollama_pipeline.app.docs", "print the README tables generated from the registries"),
+    "ui": ("ollama_pipeline.app.ui", "the results web UI, the Dagster UI and (when no Ollama is configured) "
+                                     "the emulator, together; Ctrl-C stops them all"),
+    "pilot": ("ollama_pipeline.app.pilot", "run every stage on a sample, print model time per item and the ETA"),
+    "bench": ("ollama_pipeline.bench", "throughput through Dagster vs the model server's limit (make bench)"),
+}
+EMULATOR_HELP = "serve Ollama's HTTP API on loopback with fault injection"
 
+
+def register_modules(sub: Any, modules: list[str]) -> None:
+    """Import each module (once) and let it add its commands; a module not installed is left out."""
+    for module in dict.fromkeys(modules):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        register(sub)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for argv: complete for the command argv names; for none (`--help`), every command
+    listed with its help line, the other modules' commands (and the emulator's options) not imported.
+    argv None: every command complete."""
+    command = _command_word(argv)
+    listed_only = argv is not None and command is None
     parser = Parser(prog="ollama-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="configuration file (default: $OLLAMA_PIPELINE_CONFIG or ./ollama_pipeline.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,17 +270,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_check_db)
 
     p = sub.add_parser("demo-library", help="write a realistic demo library (images, prompts, tags, scans)")
-    p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)
+    p.add_argument("--count", type=arg_type(_positive_int, "--count"), default=50)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--layout", choices=["pipeline", "localsupervisor"], default="pipeline",
                    help="gallery schema of a new library: the pipeline's own, or LocalSupervisor's")
     p.set_defaults(handler=_cmd_demo_library)
 
-    from ollama_pipeline.emulator.__main__ import build_parser as emulator_parser
+    if not listed_only and command in (None, "emulator"):
+        from ollama_pipeline.emulator.__main__ import build_parser as emulator_parser
 
-    sub.add_parser("emulator", help="serve Ollama's HTTP API on loopback with fault injection",
-                   parents=[emulator_parser(add_help=False)], conflict_handler="resolve").set_defaults(
-        handler=_cmd_emulator)
+        sub.add_parser("emulator", help=EMULATOR_HELP, parents=[emulator_parser(add_help=False)],
+                       conflict_handler="resolve").set_defaults(handler=_cmd_emulator)
+    else:  # listed only: its options come with the emulator's modules
+        sub.add_parser("emulator", help=EMULATOR_HELP).set_defaults(handler=_cmd_emulator)
 
     p = sub.add_parser("health", help="check that every Ollama host answers and list the models")
     p.set_defaults(handler=_cmd_health)
@@ -242,7 +294,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_run)
 
     p = sub.add_parser("demo", help="demo library + emulator (when no Ollama is configured) + all stages")
-    p.add_argument("--count", type=arg_type(positive_int, "--count"), default=50)
+    p.add_argument("--count", type=arg_type(_positive_int, "--count"), default=50)
     p.add_argument("--emulator", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--stages", default="all")
     p.add_argument("--layout", choices=["pipeline", "localsupervisor"], default="pipeline",
@@ -254,28 +306,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: <logs_dir>/../exports/ollama_export.jsonl)")
     p.set_defaults(handler=_cmd_export)
 
-    # Modules register their commands; for one command only the modules up to the one that has it are
-    # imported (the bench imports Dagster: a second of start-up that `jobs counts` does not need).
-    command = _command_word(argv)
-    for module in ("ollama_pipeline.app.cli_jobs", "ollama_pipeline.app.web.cli", "ollama_pipeline.app.docs",
-                   "ollama_pipeline.app.ui", "ollama_pipeline.app.pilot", "ollama_pipeline.bench"):
-        if command is not None and command in sub.choices:
-            break
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        register(sub)
+    if listed_only:  # the top-level help (or the usage error for a missing command)
+        for name, (_, help_line) in COMMAND_MODULES.items():
+            sub.add_parser(name, help=help_line)
+    elif command in COMMAND_MODULES:
+        register_modules(sub, [COMMAND_MODULES[command][0]])
+    elif command is None or command not in sub.choices:  # a command not in the table yet, a typo, or all
+        register_modules(sub, [module for module, _ in COMMAND_MODULES.values()])
     return parser
 
 
 def _command_word(argv: list[str] | None) -> str | None:
-    """The subcommand named in argv (None when argv is None or names none, e.g. `--help`)."""
+    """The subcommand named in argv (None when argv is None or names none, or when `-h`/`--help` comes
+    before it: then the top-level help is printed)."""
     args = list(argv or [])
     while args:
         arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            return None
         if arg == "--config":
             if args:
                 args.pop(0)
