@@ -34,6 +34,7 @@ from ollama_pipeline.app.demo_library import build_demo_library
 from ollama_pipeline.app.web import queries
 from ollama_pipeline.app.web.app import create_app
 from ollama_pipeline.app.web.cli import check_bind
+from ollama_pipeline.bench import web_queries
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import init_db, make_engine
@@ -700,24 +701,8 @@ def test_gallery_pages_are_right_on_100000_items(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'big.db'}")
     init_db(engine)
     n = 100_000
-    version = STAGES["ollama_caption"].version
-    with engine.begin() as conn:
-        conn.execute(insert(Media), [{"id": i, "path": f"2025/{i:06d}.jpg", "type": "image",
-                                      "quality_status": "ok" if i % 3 else "review"} for i in range(1, n + 1)])
-        conn.execute(insert(MediaMeta), [{"media_id": i, "key": "ollama.caption",
-                                          "value": canonical_json({"text": f"a {'red' if i % 2 else 'blue'} fox {i}"})}
-                                         for i in range(1, n + 1)])
-        conn.execute(insert(OllamaStageResult), [{"media_id": i, "stage": "ollama_caption", "status": "ok",
-                                                  "version": version, "model": "llava:7b"}
-                                                 for i in range(1, n + 1, 2)])
-    cases = {
-        "first page": (queries.GalleryFilters(), None),
-        "middle page": (queries.GalleryFilters(), 50_000),
-        "last page": (queries.GalleryFilters(), n - 10),
-        "search": (queries.GalleryFilters(q="blue fox"), 70_000),
-        "quality": (queries.GalleryFilters(quality="review"), 30_000),
-        "stage never run": (queries.GalleryFilters(stage="ollama_caption", stage_status="never"), 60_000),
-    }
+    web_queries.fill_library(engine, n)
+    cases = web_queries.page_cases(n)
     for name, (filters, after) in cases.items():
         page = queries.gallery_page(engine, filters, after=after)
         assert page.cards, name

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import insert
+from sqlalchemy import Engine, insert
 
 from ollama_pipeline.app.web import queries
 from ollama_pipeline.core.db.engine import init_db, make_engine
@@ -27,10 +27,8 @@ TARGET_PAGE_MS = 200.0
 TARGET_RARE_SEARCH_MS = 1000.0
 
 
-def measure(items: int, workdir: Path) -> dict[str, float]:
-    """Best-of-three ms per gallery query on `items` rows."""
-    engine = make_engine(f"sqlite:///{workdir / 'web_bench.db'}")
-    init_db(engine)
+def fill_library(engine: Engine, items: int) -> None:
+    """`items` media rows with captions (half red, half blue) and every second one's caption stage result."""
     version = STAGES["ollama_caption"].version
     with engine.begin() as conn:
         conn.execute(insert(Media), [{"id": i, "path": f"2025/{i:06d}.jpg", "type": "image",
@@ -41,15 +39,26 @@ def measure(items: int, workdir: Path) -> dict[str, float]:
         conn.execute(insert(OllamaStageResult), [{"media_id": i, "stage": "ollama_caption", "status": "ok",
                                                   "version": version, "model": "llava:7b"}
                                                  for i in range(1, items + 1, 2)])
-    cases = {
+
+
+def page_cases(items: int) -> dict[str, tuple[queries.GalleryFilters, int | None]]:
+    """The gallery queries measured (and checked by test_web): filters and the keyset position."""
+    return {
         "first page": (queries.GalleryFilters(), None),
         "middle page": (queries.GalleryFilters(), items // 2),
         "last page": (queries.GalleryFilters(), items - 10),
         "search": (queries.GalleryFilters(q="blue fox"), int(items * 0.7)),
         "quality": (queries.GalleryFilters(quality="review"), int(items * 0.3)),
         "stage never run": (queries.GalleryFilters(stage="ollama_caption", stage_status="never"), int(items * 0.6)),
-        "rare search": (queries.GalleryFilters(q=f"fox {items - 1}"), None),
     }
+
+
+def measure(items: int, workdir: Path) -> dict[str, float]:
+    """Best-of-three ms per gallery query on `items` rows."""
+    engine = make_engine(f"sqlite:///{workdir / 'web_bench.db'}")
+    init_db(engine)
+    fill_library(engine, items)
+    cases = {**page_cases(items), "rare search": (queries.GalleryFilters(q=f"fox {items - 1}"), None)}
     result: dict[str, float] = {}
     for name, (filters, after) in cases.items():
         best = float("inf")

@@ -79,8 +79,8 @@ class OllamaVisionResponse(OllamaTextResponse):
     images: int = 1
 
 
-class HostHealth(BaseModel):
-    """One host's answer to the health check, with this process's counters for it."""
+class HealthAnswer(BaseModel):
+    """What one health probe of an Ollama base URL found."""
 
     ok: bool
     base_url: str
@@ -88,6 +88,11 @@ class HostHealth(BaseModel):
     latency_ms: float | None = None
     error_code: str | None = None
     error: str | None = None
+
+
+class HostHealth(HealthAnswer):
+    """One host's answer to the health check, with this process's counters for it."""
+
     weight: float | None = None
     slots: int | None = None
     models: list[str] | None = None
@@ -97,13 +102,9 @@ class HostHealth(BaseModel):
     calls_per_s: float | None = None
 
 
-class OllamaHealthResponse(BaseModel):
-    ok: bool
-    base_url: str
-    version: str | None = None
-    latency_ms: float | None = None
-    error_code: str | None = None
-    error: str | None = None
+class OllamaHealthResponse(HealthAnswer):
+    """The health of the first host (the seed's `ollama.base_url`), and of every configured host."""
+
     hosts: list[HostHealth] = Field(default_factory=list)
 
 
