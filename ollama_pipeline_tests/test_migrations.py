@@ -77,3 +77,64 @@ def test_optional_columns_are_added_on_request_shown_with_sql_and_removed_again(
     assert cli_main(["--config", str(config), "init-db", "--drop-optional-columns"]) == 0
     capsys.readouterr()
     assert snapshot(db) == before
+
+
+def _at_revision(db: Path, revision: str) -> None:
+    """A database with the pipeline's own tables at an older revision, as that release's init-db left it."""
+    from alembic import command
+
+    from ollama_pipeline.core.db.migrations import alembic_config
+
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn, gallery_fk=False), revision)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("made_on_first_use", [False, True])
+def test_upgrade_from_0002_creates_run_heartbeats_or_keeps_the_one_made_on_first_use(
+        tmp_path: Path, made_on_first_use: bool) -> None:
+    """From revision 0002, init-db reaches head with ollama_run_heartbeats; a table made earlier keeps its rows."""
+    db = tmp_path / "at0002.sqlite"
+    _at_revision(db, "0002")
+    if made_on_first_use:  # the table as heartbeats.py made it outside the migrations, with one run in it
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE ollama_run_heartbeats (run_id VARCHAR(64) NOT NULL PRIMARY KEY, status "
+                    "VARCHAR(16) NOT NULL, host VARCHAR(255), pid INTEGER, interval_s FLOAT NOT NULL, started_at "
+                    "DATETIME NOT NULL, heartbeat_at DATETIME NOT NULL, ended_at DATETIME, reason TEXT)")
+        con.execute("INSERT INTO ollama_run_heartbeats VALUES ('r1', 'ended', 'h', 1, 10.0, "
+                    "'2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:01', NULL)")
+        con.commit()
+        con.close()
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        assert current_revision(conn) == "0002"
+    init_db(engine)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    columns = {c["name"] for c in inspect(engine).get_columns("ollama_run_heartbeats")}
+    assert columns == {"run_id", "status", "host", "pid", "interval_s", "started_at", "heartbeat_at", "ended_at",
+                       "reason"}
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT run_id, status FROM ollama_run_heartbeats").fetchall()
+    con.close()
+    assert rows == ([("r1", "ended")] if made_on_first_use else [])
+    engine.dispose()
+
+
+def test_run_heartbeats_migration_downgrades_to_0002(tmp_path: Path) -> None:
+    """Downgrading head to 0002 drops ollama_run_heartbeats and nothing else of the pipeline's."""
+    from alembic import command
+
+    from ollama_pipeline.core.db.migrations import alembic_config
+
+    db = tmp_path / "down.sqlite"
+    _at_revision(db, "0003")
+    engine = make_engine(f"sqlite:///{db}")
+    assert "ollama_run_heartbeats" in inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn, gallery_fk=False), "0002")
+    tables = set(inspect(engine).get_table_names())
+    assert "ollama_run_heartbeats" not in tables
+    assert {"ollama_jobs", "ollama_values", "ollama_tag_links"} <= tables
+    engine.dispose()
