@@ -291,3 +291,51 @@ def test_its_jobs_rows_queued_by_sql_are_claimed_once_processed_and_end_done(
     with pytest.raises(QueueLimitError):
         enqueue(pipeline.engine, tight, "ollama_title", ids[2])
     con.close()
+
+
+def test_run_conditions_caption_only_when_missing_quality_only_while_unknown_unless_forced(
+        ls_library: tuple[Settings, Path, list[int]]) -> None:
+    """The data contract's run conditions (pipeline_ollama.md of LocalSupervisor's history): a caption from
+    elsewhere and a quality_status a person set hold the stage back with a readable skip reason; the
+    pipeline's own earlier results do not; force runs anyway; a prompt reconstruction stays meta only."""
+    settings, db, ids = ls_library
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO media_meta (media_id, source, meta_key, meta_value, created_at) VALUES "
+                "(?, 'web', 'ollama.caption', 'A caption someone wrote', '2026-02-01T00:00:00+00:00')", (ids[0],))
+    con.execute("UPDATE media SET quality_status = 'review' WHERE id = ?", (ids[1],))  # a person's review
+    con.commit()
+    prompts_before = snapshot(db)["prompts"]
+
+    caption = {o.media_id: o for o in run_stage(pipeline, "ollama_caption", ids)}
+    assert (caption[ids[0]].status, caption[ids[0]].reason) == ("skipped", "caption_present")
+    assert {caption[i].status for i in ids[1:]} == {"written"}
+    assert _newest(db, ids[0])["ollama.caption"] == ("A caption someone wrote", "web")
+    quality = {o.media_id: o for o in run_stage(pipeline, "ollama_quality", ids)}
+    assert (quality[ids[1]].status, quality[ids[1]].reason) == ("skipped", "quality_status_set")
+    assert {quality[i].status for i in ids if i != ids[1]} == {"written"}
+    assert con.execute("SELECT quality_status FROM media WHERE id = ?", (ids[1],)).fetchone() == ("review",)
+    lines = [json.loads(line) for line in (settings.logs_dir / "ollama_jobs.jsonl").read_text().splitlines()]
+    skips = {(r["media_id"], r["reason"]): r["message"] for r in lines if r["event"] == "stage_skipped"}
+    assert "runs only when it is missing (force to replace it)" in skips[(ids[0], "caption_present")]
+    assert "quality_status 'needs_review', not set by the pipeline" in skips[(ids[1], "quality_status_set")]
+
+    # The pipeline's own status is its result: a changed fingerprint re-evaluates it.
+    con.execute("UPDATE ollama_stage_results SET fingerprint = 'older' WHERE stage = 'ollama_quality' "
+                "AND media_id = ?", (ids[2],))
+    con.commit()
+    (again,) = run_stage(pipeline, "ollama_quality", [ids[2]])
+    assert again.status in {"written", "unchanged"} and again.reason is None
+    # Forced, both run.
+    (forced_caption,) = run_stage(pipeline, "ollama_caption", [ids[0]], force=True)
+    (forced_quality,) = run_stage(pipeline, "ollama_quality", [ids[1]], force=True)
+    assert forced_caption.status == "written" and _newest(db, ids[0])["ollama.caption"][1] == "ollama"
+    assert forced_quality.status in {"written", "unchanged"} and forced_quality.reason is None
+
+    # Prompt reconstruction, whatever its similarity to the stored prompt: meta only, prompts untouched.
+    recon = list(run_stage(pipeline, "ollama_prompt_recon", ids))
+    assert {o.status for o in recon} == {"written"}
+    assert snapshot(db)["prompts"] == prompts_before
+    assert all("ollama.prompt_reconstruction" in _newest(db, i) for i in ids)
+    con.close()

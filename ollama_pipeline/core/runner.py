@@ -399,6 +399,14 @@ def _run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: d
             upstream, _ = blocked_by  # retryable or not, ERROR_CODES decides for upstream_failed.*
             raise BlockedError(f"{upstream} failed for media {media_id}, so {stage.job_type} was not run",
                                code=f"upstream_failed.{upstream}")
+        if not force and stage.run_condition is not None:
+            held = stage.run_condition(inputs, state)
+            if held is not None:
+                pipeline.logs.job_event("stage_skipped", job_id=job_id, run_id=run_id, media_id=media_id,
+                                        job_type=stage.job_type, model=model, reason=held.reason,
+                                        message=held.message, calls=0)
+                return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", reason=held.reason,
+                                   model=model)
         requests = list(stage.plan(stage, inputs))
         for req in requests:
             for ref in req.images:

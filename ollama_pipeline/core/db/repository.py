@@ -230,6 +230,15 @@ def load_media_rows(conn: Connection, media_ids: Iterable[int], g: Gallery | Non
     return out
 
 
+def _written_keys(conn: Connection, media_ids: list[int]) -> dict[int, frozenset[str]]:
+    """The keys the pipeline has written per item (its ollama_values rows), without their values."""
+    v = OllamaValue.__table__
+    out: dict[int, set[str]] = {}
+    for media_id, key in conn.execute(select(v.c.media_id, v.c.key).where(v.c.media_id.in_(media_ids))):
+        out.setdefault(int(media_id), set()).add(key)
+    return {mid: frozenset(keys) for mid, keys in out.items()}
+
+
 def _pipeline_values(conn: Connection, media_ids: list[int]) -> dict[int, dict[str, OllamaValueRow]]:
     v = OllamaValue.__table__
     out: dict[int, dict[str, OllamaValueRow]] = {}
@@ -317,6 +326,7 @@ def load_inputs_many(engine: Engine, media_ids: Iterable[int]) -> dict[int, Stag
             meta: dict[int, dict[str, Any]] = {}
             current = meta_values(conn, g, chunk)
             own = _pipeline_values(conn, chunk) if g.value_format != "json" or g.text_keys else {}
+            written = {mid: frozenset(rows) for mid, rows in own.items()} if own else _written_keys(conn, chunk)
             for mid in chunk:
                 values: dict[str, Any] = {}
                 for key, text in current.get(mid, {}).items():
@@ -336,7 +346,8 @@ def load_inputs_many(engine: Engine, media_ids: Iterable[int]) -> dict[int, Stag
                 meta[mid] = values
             for mid, row in media.items():
                 result[mid] = StageInputs(media=row, prompt=prompts.get(mid), tags=tags.get(mid, []),
-                                          scans=scans.get(mid, []), meta=meta.get(mid, {}))
+                                          scans=scans.get(mid, []), meta=meta.get(mid, {}),
+                                          written_keys=written.get(mid, frozenset()))
     return result
 
 

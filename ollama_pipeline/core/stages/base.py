@@ -89,6 +89,9 @@ class StageInputs(BaseModel):
     vocabulary: list[str] = Field(default_factory=list)
     duplicate_candidates: list[DuplicateCandidate] = Field(default_factory=list)
     max_tags: int = 20
+    # The media_meta keys the pipeline has written for this item (its ollama_values): a value under such a
+    # key is the pipeline's own, any other one came from the gallery, a person or another tool.
+    written_keys: frozenset[str] = frozenset()
 
 
 # ---- outputs (§2) ----------------------------------------------------------------------------------
@@ -98,6 +101,24 @@ class TagSuggestion(BaseModel):
     name: str
     confidence: float
     weight: float
+
+
+class RunSkip(BaseModel):
+    """Why a stage's run condition holds an item back: a reason code (in `skipped_by_reason`) and a sentence."""
+
+    reason: str
+    message: str
+
+
+def pipeline_succeeded(state: dict[str, Any] | None) -> bool:
+    """The pipeline has written this stage's result for the item before (a later failure does not undo it)."""
+    return bool(state and (state.get("status") == "ok" or state.get("last_success_at")))
+
+
+def foreign_value(inputs: StageInputs, key: str, state: dict[str, Any] | None) -> bool:
+    """A value under `key` exists that the pipeline did not write (no stored result, key not among its own)."""
+    return inputs.meta.get(key) not in (None, "", {}, []) and key not in inputs.written_keys \
+        and not pipeline_succeeded(state)
 
 
 class QualityUpdate(BaseModel):
@@ -236,6 +257,10 @@ class Stage:
     refresh: Callable[[Stage, StageInputs], StageOutput | None] | None = None
     # Gallery tables read that are not produced by a stage (shown as external assets upstream in Dagster).
     external_inputs: tuple[str, ...] = ()
+    # The data contract's run condition (LocalSupervisor's pipeline_ollama.md): given the inputs and the
+    # pipeline's stored result of this stage for the item, a reason not to run it (`RunSkip`), or None.
+    # Checked before any model call unless forced; a skipped item records nothing and is re-checked next time.
+    run_condition: Callable[[StageInputs, dict[str, Any] | None], RunSkip | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ollama_pipeline.core.stages.base import Stage, StageInputs, StageOutput, single_request
+from typing import Any
+
+from ollama_pipeline.core.stages.base import (
+    RunSkip,
+    Stage,
+    StageInputs,
+    StageOutput,
+    foreign_value,
+    single_request,
+)
 
 
 class CaptionAnswer(BaseModel):
@@ -37,6 +46,20 @@ def _text(value: object) -> str | None:
         text = value.get("text")
         return text if isinstance(text, str) else None
     return value if isinstance(value, str) else None
+
+
+def _only_when_missing(key: str, what: str):
+    """Run condition of the data contract's stage 1: only when no caption/title exists, or forced. A value the
+    pipeline wrote itself is its own result (refreshed by the usual rules); one from elsewhere is kept."""
+
+    def condition(inputs: StageInputs, state: dict[str, Any] | None) -> RunSkip | None:
+        if not _text(inputs.meta.get(key)) or not foreign_value(inputs, key, state):
+            return None
+        return RunSkip(reason=f"{what}_present",
+                       message=f"media {inputs.media.id} already has {key} that the pipeline did not write; "
+                               f"the {what} stage runs only when it is missing (force to replace it)")
+
+    return condition
 
 
 def plan_caption(stage: Stage, inputs: StageInputs) -> list:
@@ -74,6 +97,7 @@ CAPTION = Stage(
     template=CAPTION_TEMPLATE,
     output_schema=CaptionAnswer,
     writes=("ollama.caption", "ollama.description"),
+    run_condition=_only_when_missing("ollama.caption", "caption"),
     plan=plan_caption,
     combine=combine_caption,
     group="ollama_describe",
@@ -89,6 +113,7 @@ TITLE = Stage(
     template=TITLE_TEMPLATE,
     output_schema=TitleAnswer,
     writes=("ollama.title",),
+    run_condition=_only_when_missing("ollama.title", "title"),
     plan=plan_title,
     combine=combine_title,
     upstream=("ollama_caption",),

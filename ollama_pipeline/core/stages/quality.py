@@ -11,15 +11,17 @@ originality}, "overall"}: overall is the pipeline's mean of the named scores, no
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ollama_pipeline.core.stages.base import (
     QualityUpdate,
+    RunSkip,
     Stage,
     StageInputs,
     StageOutput,
+    pipeline_succeeded,
     round3,
     single_request,
 )
@@ -103,6 +105,25 @@ def combine_scores(stage: Stage, inputs: StageInputs, answers: dict[str, BaseMod
                                                "has_prompt": bool(inputs.prompt and inputs.prompt.prompt)}})
 
 
+UNSET_QUALITY = (None, "", "unknown")
+
+
+def quality_run_condition(inputs: StageInputs, state: dict[str, Any] | None) -> RunSkip | None:
+    """The data contract's stage 3: only while `media.quality_status` is unknown, or forced. A status the
+    pipeline set itself (its stored verdict) is its own result and may be evaluated again; one a person or
+    another tool set is left alone."""
+    status = inputs.media.quality_status
+    if status in UNSET_QUALITY:
+        return None
+    stored = inputs.meta.get("ollama.quality")
+    ours = pipeline_succeeded(state) or "ollama.quality" in inputs.written_keys
+    if ours and isinstance(stored, dict) and stored.get("verdict") == status:
+        return None
+    return RunSkip(reason="quality_status_set",
+                   message=f"media {inputs.media.id} has quality_status {status!r}, not set by the pipeline; "
+                           "the quality stage runs only while it is unknown (force to re-evaluate)")
+
+
 QUALITY = Stage(
     job_type="ollama_quality",
     title="Quality",
@@ -115,6 +136,7 @@ QUALITY = Stage(
     template=QUALITY_TEMPLATE,
     output_schema=QualityAnswer,
     writes=("ollama.quality",),
+    run_condition=quality_run_condition,
     writes_tables=("media.quality_status", "media.quality_score", "media_lifecycle_events", "audit_log"),
     plan=plan_quality,
     combine=combine_quality,
