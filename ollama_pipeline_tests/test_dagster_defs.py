@@ -259,11 +259,10 @@ def test_sensor_registers_ten_thousand_new_rows_in_one_tick_with_one_range_run(
     init_db(engine)
     _insert_media_rows(engine, 10_000)
     resources = {"pipeline": PipelineResource.for_settings(settings)}
-    context = build_sensor_context(instance=instance, definitions=defs, resources=resources)
-
-    started = time.perf_counter()
-    result = new_media_sensor(context)
-    elapsed = time.perf_counter() - started
+    with build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+        started = time.perf_counter()
+        result = new_media_sensor(context)
+        elapsed = time.perf_counter() - started
     print(f"\nnew_media_sensor: 10,000 new media rows registered in {elapsed:.2f} s (one tick)")
 
     assert isinstance(result, SensorResult) and result.skip_reason is None
@@ -277,8 +276,9 @@ def test_sensor_registers_ten_thousand_new_rows_in_one_tick_with_one_range_run(
     assert set(request.asset_selection) == {AssetKey(MEDIA), *(AssetKey(s) for s in STAGES)}
     assert result.cursor == "10000"
 
-    again = new_media_sensor(build_sensor_context(instance=instance, definitions=defs, resources=resources,
-                                                  cursor=result.cursor))
+    with build_sensor_context(instance=instance, definitions=defs, resources=resources,
+                              cursor=result.cursor) as context:
+        again = new_media_sensor(context)
     assert isinstance(again, SensorResult) and not again.run_requests and again.skip_reason is not None
     assert len(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME)) == 10
 
@@ -290,9 +290,9 @@ def test_sensor_skips_with_a_reason_when_ollama_is_down(
     engine = make_engine(settings.database.url)
     init_db(engine)
     _insert_media_rows(engine, 3)
-    context = build_sensor_context(instance=instance, definitions=defs,
-                                   resources={"pipeline": PipelineResource.for_settings(settings)})
-    result = new_media_sensor(context)
+    with build_sensor_context(instance=instance, definitions=defs,
+                              resources={"pipeline": PipelineResource.for_settings(settings)}) as context:
+        result = new_media_sensor(context)
     assert isinstance(result, SensorResult) and not result.run_requests and result.cursor is None
     message = result.skip_reason.skip_message if result.skip_reason else ""
     assert "is not reachable: network.connect" in message and "127.0.0.1" in message

@@ -58,13 +58,20 @@ def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> signal.
 
 
 @pytest.fixture
-def webserver(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def webserver_env() -> dict[str, str]:
+    """Extra environment of the webserver (a test overrides this fixture to give it a settings file)."""
+    return {}
+
+
+@pytest.fixture
+def webserver(tmp_path: Path, webserver_env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """dagster-webserver on a free loopback port, in its own session with SIGINT at its default."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           **webserver_env}
     log = (tmp_path / "webserver.log").open("wb")
     proc = subprocess.Popen(
         [str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -118,3 +125,48 @@ def test_webserver_shows_media_and_every_stage_with_lineage_then_stops_cleanly(
     assert stopped_by in (signal.SIGINT, signal.SIGTERM), f"needed {stopped_by!r} to stop"
     assert proc.returncode is not None
     assert not _group_alive(proc.pid), "a process of the webserver's group is still running"
+
+
+RESOURCES = """{ allTopLevelResourceDetailsOrError(repositorySelector: {repositoryLocationName: "ollama_pipeline",
+  repositoryName: "__repository__"}) { __typename ... on ResourceDetailsList { results { name
+  configuredValues { key value type } nestedResources { name type } } } ... on PythonError { message } } }"""
+SECRETS = ("ollama-file-pw", "host-file-pw", "db-file-pw", "env-ollama-pw")
+
+
+class TestResourcePage:
+    """The UI's resource page of a code location whose settings file and environment hold passwords."""
+
+    @pytest.fixture
+    def webserver_env(self, tmp_path: Path) -> dict[str, str]:
+        config = tmp_path / "ollama_pipeline.yaml"
+        config.write_text(json.dumps({
+            "ollama": {"base_url": "http://alice:ollama-file-pw@127.0.0.1:9", "model": {"default": "llava:7b"},
+                       "timeout_ms": 4000, "max_image_bytes": 1_000_000, "keep_alive": "45m",
+                       "hosts": [{"base_url": "http://carol:host-file-pw@127.0.0.1:10", "parallel": 2}]},
+            "database": {"url": "postgresql://bob:db-file-pw@127.0.0.1:5432/library"},
+            "media_root": str(tmp_path / "media")}), encoding="utf-8")
+        return {"OLLAMA_PIPELINE_CONFIG": str(config), "OLLAMA_PIPELINE_OLLAMA_PASSWORD": "env-ollama-pw"}
+
+    def test_resource_page_shows_urls_models_timeouts_and_database_without_a_password(
+            self, webserver: tuple[str, subprocess.Popen[bytes]]) -> None:
+        """GraphQL's resource details: redacted URLs, the YAML's values, the password as an EnvVar name."""
+        base, _ = webserver
+        deadline = time.monotonic() + 60
+        while True:  # the code location may still be loading right after /server_info answers
+            data = _graphql(base, RESOURCES)
+            found = (data.get("data") or {}).get("allTopLevelResourceDetailsOrError") or {}
+            if found.get("results") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        text = json.dumps(data)
+        assert not [s for s in SECRETS if s in text], text
+        shown = {r["name"]: {v["key"]: (json.loads(v["value"]) if v["type"] == "VALUE" else v["value"], v["type"])
+                             for v in r["configuredValues"]} for r in found["results"]}
+        ollama, library = shown["ollama"], shown["library"]
+        assert ollama["base_url"] == ("http://alice:***@127.0.0.1:9", "VALUE")
+        assert ollama["password"] == ("OLLAMA_PIPELINE_OLLAMA_PASSWORD", "ENV_VAR")
+        assert [(h["base_url"], h["parallel"]) for h in ollama["hosts"][0]] == [("http://carol:***@127.0.0.1:10", 2)]
+        assert (ollama["model"][0], ollama["timeout_ms"][0], ollama["keep_alive"][0]) == ("llava:7b", 4000, "45m")
+        assert library["database_url"][0] == "postgresql://bob:***@127.0.0.1:5432/library"
+        nested = {r["name"]: {n["name"]: n["type"] for n in r["nestedResources"]} for r in found["results"]}
+        assert nested["pipeline"] == {"ollama": "TOP_LEVEL", "library": "TOP_LEVEL"}

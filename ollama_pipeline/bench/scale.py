@@ -70,10 +70,11 @@ def probe(config_path: Path, slice_items: int, workdir: Path) -> dict[str, Any]:
         ticks: list[dict[str, Any]] = []
         cursor: str | None = None
         while True:
-            context = build_sensor_context(instance=instance, definitions=defs, resources=resources, cursor=cursor)
-            started = time.perf_counter()
-            result = new_media_sensor(context)
-            elapsed = time.perf_counter() - started
+            with build_sensor_context(instance=instance, definitions=defs, resources=resources,
+                                      cursor=cursor) as context:  # PipelineResource nests resources: a context manager
+                started = time.perf_counter()
+                result = new_media_sensor(context)
+                elapsed = time.perf_counter() - started
             if not result.run_requests:
                 break
             cursor = result.cursor
