@@ -184,3 +184,37 @@ def test_rendezvous_moves_only_the_items_of_a_host_that_leaves() -> None:
         assert up == (second[k] if k in moved else first[k])
     shares = Counter(pool([3, 1]).ranked(None, k)[0].index for k in keys)
     assert 0.70 < shares[0] / len(keys) < 0.80
+
+
+def _host_metadata(home: Path, asset: str) -> list[list[dict[str, Any]]]:
+    """The `hosts` metadata of every materialization of an asset, newest first."""
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(asset)), limit=50).records
+        return [r.asset_materialization.metadata["hosts"].value for r in records]
+
+
+def test_a_dagster_runs_metadata_shows_each_hosts_health_and_throughput(
+        tmp_path: Path, hosts, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ollama-pipeline run` over two hosts: each partition's materialization names both hosts with their
+    state and this run's calls, tokens and model time; after one host died, the next run shows it down
+    and the other serving every item."""
+    import yaml
+
+    home = tmp_path / "dagster_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    a, b = hosts("--parallel", "2"), hosts("--parallel", "2")
+    settings, ids = _library(tmp_path, a.base_url, 8, pipeline__partition_size=4, ollama__hosts=[
+        {"base_url": a.base_url, "parallel": 2}, {"base_url": b.base_url, "parallel": 2}])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")), encoding="utf-8")
+    assert cli_main(["--config", str(config), "run", "--stages", "caption"]) == 0, capsys.readouterr()
+    final = _host_metadata(home, "ollama_caption")[0]  # the run's last partition: its figures so far
+    assert [row["host"] for row in final] == [a.base_url, b.base_url] and all(row["up"] for row in final)
+    assert sum(row["ok"] for row in final) == len(ids) and all(row["ok"] > 0 for row in final)
+    assert all(row["output_tokens"] > 0 and row["model_s"] >= 0 for row in final)
+    b.kill()
+    assert cli_main(["--config", str(config), "run", "--stages", "caption", "--force"]) == 0, capsys.readouterr()
+    alive, dead = _host_metadata(home, "ollama_caption")[0]
+    assert not dead["up"] and dead["downs"] == 1 and dead["ok"] == 0 and alive["ok"] == len(ids)

@@ -12,14 +12,18 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
+from sqlalchemy import select
 
+from ollama_pipeline.app.cli import main as cli_main
 from ollama_pipeline.app.demo_library import add_media_rows
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.engine import init_db, make_engine
+from ollama_pipeline.core.db.models import OllamaStageResult
 from ollama_pipeline.core.runner import Pipeline, run_stage, run_stages
 from ollama_pipeline.core.shaping import stage_order
 from ollama_pipeline.core.stages import STAGES
-from ollama_pipeline.core.stages.base import item_prefix
+from ollama_pipeline.core.stages.base import combined_schema, item_prefix
 from ollama_pipeline.emulator.__main__ import build_parser as emulator_parser
 from ollama_pipeline_tests.conftest import make_settings
 from ollama_pipeline_tests.test_hosts import EmulatorProcess
@@ -102,3 +106,118 @@ def test_stage_by_stage_prefills_every_image_again(tmp_path: Path) -> None:
     finally:
         host.kill()
 
+
+
+def _stored(settings: Any, job_types: list[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    engine = make_engine(settings.database.url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(OllamaStageResult).where(OllamaStageResult.stage.in_(job_types))).mappings()
+        return {(r["stage"], int(r["media_id"])): dict(r) for r in rows}
+
+
+def _jobs_log(settings: Any, event: str) -> list[dict[str, Any]]:
+    path = settings.logs_dir / "ollama_jobs.jsonl"
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == event]
+
+
+@needs_cost_model
+def test_a_dagster_run_serves_each_items_image_from_the_cache_and_never_reloads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ollama-pipeline run` (one Dagster step) runs an item's vision stages back to back on one slot of
+    its host, then the text stage: most image tokens come from Ollama's prefix cache
+    (runner/ollamarunner/cache.go), no model is reloaded (server/sched.go needsReload), every value is stored."""
+    host = EmulatorProcess("--profile", "rtx3090-parallel4", "--time-scale", "200")
+    try:
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+        settings = _settings(tmp_path, host.base_url)
+        ids = _library(settings, 8)
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(settings.model_dump(mode="json")), encoding="utf-8")
+        stages = [*VISION, "ollama_title"]
+        assert cli_main(["--config", str(config), "run", "--stages", ",".join(stages)]) == 0, capsys.readouterr()
+        stats = httpx.get(f"{host.base_url}/_emulator/stats").json()
+        assert stats["image_tokens_cached"] >= 0.6 * stats["image_tokens"]
+        assert stats["loads"] == 2 and stats["reloads"] == 0 and stats["max_inflight_seen"] <= 4
+        stored = _stored(settings, stages)
+        assert {(j, i) for j in stages for i in ids} == set(stored)
+        assert {r["status"] for r in stored.values()} == {"ok"}
+    finally:
+        host.kill()
+
+
+def test_combined_schema_nests_every_stages_schema_with_its_definitions() -> None:
+    """The combined format holds each stage's own schema under its job type; nested definitions keep resolving."""
+    stages = [STAGES[j] for j in VISION]
+    schema = combined_schema(stages)
+    assert schema["required"] == VISION and set(schema["properties"]) == set(VISION)
+    text = json.dumps(schema)
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "#/$defs/')[1:]}:
+        assert ref in schema["$defs"]
+
+
+def test_combined_request_makes_one_call_per_image_and_stores_each_stage_on_its_own(library, emulator) -> None:
+    """With pipeline.combine_vision_stages one call per image answers every vision stage (the duplicate
+    check, which compares two images, keeps its own); each stage is stored with its own version and
+    fingerprint, and the call's tokens are shared out to the stages without loss."""
+    settings, engine, ids = library
+    off = Pipeline.from_settings(settings)
+    assert {o.status for o in run_stages(off, VISION, ids)} == {"written"}
+    calls_off = emulator.stats()["model_calls"]
+    emulator.reset_stats()
+    on = Pipeline.from_settings(settings.model_copy(update={"pipeline": settings.pipeline.model_copy(
+        update={"combine_vision_stages": True})}))
+    outcomes = list(run_stages(on, VISION, ids, force=True))
+    assert {o.status for o in outcomes} <= {"written", "unchanged"}
+    assert calls_off == len(VISION) * len(ids) and emulator.stats()["model_calls"] == len(ids)
+    stored = _stored(settings, VISION)
+    for job_type in VISION:
+        assert {stored[(job_type, i)]["version"] for i in ids} == {STAGES[job_type].version}
+    events = _jobs_log(settings, "stage_succeeded")[-len(VISION) * len(ids):]
+    assert {e["request"] for e in events} == {"combined"} and sum(e["calls"] for e in events) == len(ids)
+    prompt = [e["prompt_eval_count"] for e in events]
+    assert all(n > 0 for n in prompt) and sum(prompt) == emulator.stats()["prompt_tokens"]
+    assert sum(e["eval_count"] for e in events) == emulator.stats()["output_tokens"]
+
+
+def test_a_failed_part_of_a_combined_answer_falls_back_to_its_own_request(library, emulator) -> None:
+    """The emulator breaks one part of every combined answer (fault bad_part): that stage alone asks its
+    own question and is stored; the other parts are stored from the combined call."""
+    settings, engine, ids = library
+    pipeline = Pipeline.from_settings(settings.model_copy(update={"pipeline": settings.pipeline.model_copy(
+        update={"combine_vision_stages": True})}))
+    broken = VISION.index("ollama_quality")
+    emulator.set_faults([{"kind": "bad_part", "arg": broken, "match": "Return one JSON object with the keys"}])
+    outcomes = list(run_stages(pipeline, VISION, ids))
+    assert {o.status for o in outcomes} == {"written"} and len(outcomes) == len(VISION) * len(ids)
+    assert emulator.stats()["model_calls"] == 2 * len(ids)  # the combined call, then quality's own
+    rejected = _jobs_log(settings, "combined_part_rejected")
+    assert {e["job_type"] for e in rejected} == {"ollama_quality"} and len(rejected) == len(ids)
+    assert {e["code"] for e in rejected} == {"validation.schema"}
+    requests = {(e["job_type"], e["request"]) for e in _jobs_log(settings, "stage_succeeded")}
+    assert ("ollama_quality", "own") in requests and ("ollama_quality", "combined") not in requests
+    assert {r for j, r in requests if j != "ollama_quality"} == {"combined"}
+    assert {r["status"] for r in _stored(settings, VISION).values()} == {"ok"}
+
+
+def test_toggling_combine_reruns_once_and_one_stages_change_reruns_only_that_stage(library, emulator) -> None:
+    """Turning combine on is a deliberate re-run of the vision stages; a second run costs no call; a
+    change to one stage's inputs (max_tags) re-runs only that stage, with its own request."""
+    settings, engine, ids = library
+    list(run_stages(Pipeline.from_settings(settings), VISION, ids))
+
+    def with_(**pipeline_fields: Any) -> Pipeline:
+        return Pipeline.from_settings(settings.model_copy(update={"pipeline": settings.pipeline.model_copy(
+            update=pipeline_fields)}))
+
+    emulator.reset_stats()
+    assert {o.status for o in run_stages(with_(combine_vision_stages=True), VISION, ids)} <= {"written", "unchanged"}
+    assert emulator.stats()["model_calls"] == len(ids)
+    emulator.reset_stats()
+    assert {o.status for o in run_stages(with_(combine_vision_stages=True), VISION, ids)} == {"skipped"}
+    assert emulator.stats()["model_calls"] == 0
+    outcomes = list(run_stages(with_(combine_vision_stages=True, max_tags=3), VISION, ids))
+    assert {o.stage for o in outcomes if o.status != "skipped"} == {"ollama_tags_normalize"}
+    assert emulator.stats()["model_calls"] == len(ids)
+    emulator.reset_stats()
+    assert "skipped" not in {o.status for o in run_stages(with_(max_tags=3), VISION, ids)}
+    assert emulator.stats()["model_calls"] == len(VISION) * len(ids)

@@ -109,6 +109,10 @@ class PipelineConfig(_Strict):
     concurrency: int = Field(default=4, ge=1, le=256, description="Model calls at once inside one run.")
     max_pixels: int = Field(default=1_048_576, ge=4096, description="Pixel budget of an image sent to the model.")
     repair_retries: int = Field(default=1, ge=0, le=3)
+    combine_vision_stages: bool = Field(
+        default=False, description="One model call per image answers every selected vision stage (each part "
+        "validated against its own stage's schema; a failed part falls back to that stage's own request). "
+        "Changing it re-runs the vision stages once (it is part of their fingerprints).")
     write_tags: bool = True
     write_quality_status: bool = True
     max_tags: int = Field(default=20, ge=1, le=200)

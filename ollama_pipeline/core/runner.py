@@ -8,9 +8,10 @@ process. This module must not import Dagster.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +42,7 @@ from ollama_pipeline.core.images import (
     video_frame,
 )
 from ollama_pipeline.core.injection import answer_repeats_instruction, instruction_targets, strings_of
-from ollama_pipeline.core.jsontext import sha256_json
+from ollama_pipeline.core.jsontext import canonical_json, sha256_json
 from ollama_pipeline.core.logs import PipelineLogs
 from ollama_pipeline.core.shaping import stage_order
 from ollama_pipeline.core.stages import get_stage
@@ -53,6 +54,10 @@ from ollama_pipeline.core.stages.base import (
     StageInputs,
     StageOutput,
     StageResult,
+    combinable,
+    combined_request,
+    combined_schema,
+    schema_fields,
     untrusted_strings,
 )
 from ollama_pipeline.core.stages.stored import STORED_SCHEMAS
@@ -251,11 +256,12 @@ def check_stored(stage: Stage, output: StageOutput) -> None:
                               f"{', '.join(_QUALITY_VERDICTS)} and score lie in 0..1", code="validation.stored_value")
 
 
-def check_injection(stage: Stage, inputs: StageInputs, output: StageOutput) -> None:
+def check_injection(stage: Stage, inputs: StageInputs, output: StageOutput, *, extra: Sequence[str] = ()) -> None:
     """Refuse an answer that repeats an instruction found in the item's library data, or holds one of its
-    own: the model obeyed a planted order. Nothing of it is written (its tags neither)."""
+    own: the model obeyed a planted order. Nothing of it is written (its tags neither). extra: library
+    strings the call also carried (a combined request holds every part's data)."""
     values = [*strings_of(output.meta), *(t.name for t in output.tags or [])]
-    targets = instruction_targets(untrusted_strings(stage, inputs))
+    targets = instruction_targets([*untrusted_strings(stage, inputs), *extra])
     if answer_repeats_instruction(values, targets):
         raise ValidationError(f"the answer of {stage.job_type} repeats an instruction found in the item's library "
                               f"data (a planted prompt injection the model obeyed); nothing of it is written",
@@ -264,7 +270,7 @@ def check_injection(stage: Stage, inputs: StageInputs, output: StageOutput) -> N
 
 def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, output: StageOutput, *, model: str,
                     fingerprint: str, metrics: CallMetrics, started: float, job_id: int | None,
-                    run_id: str | None, force: bool = False) -> ItemOutcome:
+                    run_id: str | None, force: bool = False, **log: Any) -> ItemOutcome:
     """Check, persist and log one built output (from the model's answers, or refreshed from stored values)."""
     media_id = inputs.media.id
     metrics.wall_ms = (time.perf_counter() - started) * 1000.0
@@ -280,7 +286,7 @@ def _persist_output(pipeline: Pipeline, stage: Stage, inputs: StageInputs, outpu
                             job_type=stage.job_type, model=model, version=stage.version,
                             duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls,
                             prompt_eval_count=metrics.prompt_eval_count, eval_count=metrics.eval_count,
-                            repairs=metrics.repairs, changed_keys=changes["changed_keys"],
+                            repairs=metrics.repairs, changed_keys=changes["changed_keys"], **log,
                             **({"human_edited": changes["human_edited"]} if changes.get("human_edited") else {}))
     return outcome
 
@@ -374,117 +380,203 @@ def run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: di
 def _run_item(pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None,
               force: bool, model: str | None, job_id: int | None, run_id: str | None,
               problem: dict[str, Any] | None, blocked_by: tuple[str, bool] | None) -> ItemOutcome:
-    media_id = inputs.media.id
-    started = time.perf_counter()
-    metrics = CallMetrics()
-    model = model or pipeline.model_for(stage)
-    fingerprint = None
-    current: Any = None  # the image being read or decoded, to tell the item's own file from another's
-    sources: dict[int, tuple[str, Path, bytes | None, str]] = {}
+    run = _ItemRun(pipeline, stage, inputs, state=state, force=force, model=model, job_id=job_id, run_id=run_id,
+                   problem=problem)
+    return run.prepare(blocked_by) or run.finish()
 
-    def known_problem() -> dict[str, Any] | None:
-        nonlocal problem
-        if problem is _UNLOADED:
-            problem = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, [media_id]).get(media_id)
-        return problem
 
-    def done(outcome: ItemOutcome) -> ItemOutcome:
-        if media_id in sources and known_problem():  # the file is usable again: off the list to fix
-            repository.clear_media_problem(pipeline.engine, media_id,
-                                           lock_retries=pipeline.settings.database.lock_retries)
+class _ItemRun:
+    """One stage for one item in two steps: `prepare` (plan, read the files, fingerprint, skip what is
+    unchanged) and `finish` (call the model unless a combined call already answered, build, check, persist).
+    Typed failures end as a failed or skipped outcome, recorded; never raised."""
+
+    def __init__(self, pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None,
+                 force: bool, model: str | None, job_id: int | None, run_id: str | None,
+                 problem: dict[str, Any] | None) -> None:
+        self.pipeline, self.stage, self.inputs = pipeline, stage, inputs
+        self.state, self.force, self.job_id, self.run_id = state, force, job_id, run_id
+        self.media_id = inputs.media.id
+        self.started = time.perf_counter()
+        self.metrics = CallMetrics()
+        self.model = model or pipeline.model_for(stage)
+        self.fingerprint: str | None = None
+        self.current: Any = None  # the image being read or decoded, to tell the item's own file from another's
+        self.sources: dict[int, tuple[str, Path, bytes | None, str]] = {}
+        self.prepared: dict[int, str] = {}
+        self.requests: list[ModelRequest] = []
+        self.options: OllamaOptions | None = None
+        self.combinable = False
+        self._problem = problem
+
+    def known_problem(self) -> dict[str, Any] | None:
+        if self._problem is _UNLOADED:
+            self._problem = repository.stage_states(self.pipeline.engine, repository.MEDIA_STAGE,
+                                                    [self.media_id]).get(self.media_id)
+        return self._problem
+
+    def done(self, outcome: ItemOutcome) -> ItemOutcome:
+        if self.media_id in self.sources and self.known_problem():  # the file is usable again: off the list
+            repository.clear_media_problem(self.pipeline.engine, self.media_id,
+                                           lock_retries=self.pipeline.settings.database.lock_retries)
         return outcome
 
-    try:
-        if blocked_by is not None:
-            upstream, _ = blocked_by  # retryable or not, ERROR_CODES decides for upstream_failed.*
-            raise BlockedError(f"{upstream} failed for media {media_id}, so {stage.job_type} was not run",
-                               code=f"upstream_failed.{upstream}")
-        if not force and stage.run_condition is not None:
-            held = stage.run_condition(inputs, state)
-            if held is not None:
-                pipeline.logs.job_event("stage_skipped", job_id=job_id, run_id=run_id, media_id=media_id,
-                                        job_type=stage.job_type, model=model, reason=held.reason,
-                                        message=held.message, calls=0)
-                return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", reason=held.reason,
-                                   model=model)
-        requests = list(stage.plan(stage, inputs))
-        for req in requests:
-            for ref in req.images:
-                if ref.media_id not in sources:
-                    current = ref
-                    sources[ref.media_id] = _read_source(pipeline, ref, inputs.media.type, ref.media_id == media_id)
-        current = None
-        options = pipeline.options_for(stage, model)
-        extra = {"extra": stage.fingerprint_extra(inputs)} if stage.fingerprint_extra else {}
-        fingerprint = sha256_json({
-            **extra,
-            "stage": stage.version, "model": model, "digest": pipeline.client.model_digest(model),
-            "options": options.ollama_options(), "max_pixels": pipeline.settings.pipeline.max_pixels,
-            "requests": [{"key": r.key, "prompt": hashlib.sha256(r.prompt.encode()).hexdigest(),
-                          "images": [sources[i.media_id][0] for i in r.images]} for r in requests],
-        })
-        if not force and state and state.get("status") == "ok" and state.get("fingerprint") == fingerprint:
-            refreshed = stage.refresh(stage, inputs) if stage.refresh is not None else None
-            if refreshed is None:
-                return done(ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", model=model,
-                                        fingerprint=fingerprint))
-            return done(_persist_output(pipeline, stage, inputs, refreshed, model=model, fingerprint=fingerprint,
-                                        metrics=metrics, started=started, job_id=job_id, run_id=run_id))
-        loading = time.perf_counter()
-        pipeline.warm_up(stage, model, job_id=job_id, run_id=run_id, media_id=media_id,
-                         job_type=stage.job_type)  # once per model and host; not on this item's clock
-        started += time.perf_counter() - loading
-        prepared: dict[int, str] = {}
-        answers: dict[str, BaseModel] = {}
-        cfg = pipeline.settings
-        for req in requests:
-            b64 = []
-            for ref in req.images:
-                if ref.media_id not in prepared:
-                    current = ref
-                    sha, path, data, kind = sources[ref.media_id]
-                    label = f"media file {ref.path!r}"
-                    img = video_frame(path, label)[0] if kind == "video" else open_image(data or b"", label, ref.path)
-                    prepared[ref.media_id] = encode_prepared(
-                        img, ref.path, max_image_bytes=cfg.ollama.max_image_bytes, max_pixels=cfg.pipeline.max_pixels,
-                        source_sha256=sha, source_bytes=len(data) if data is not None else path.stat().st_size).b64
-                    current = None
-                b64.append(prepared[ref.media_id])
-            answers[req.key] = _call_model(pipeline, stage, req, b64, options, metrics, str(media_id))
-        output = stage.combine(stage, inputs, answers)
-        check_injection(stage, inputs, output)
-        return done(_persist_output(pipeline, stage, inputs, output, model=model, fingerprint=fingerprint,
-                                    metrics=metrics, started=started, job_id=job_id, run_id=run_id, force=force))
-    except OllamaPipelineError as exc:
-        error = exc
-    except Exception as exc:  # an unexpected bug still fails only this item, with its type logged
-        error = OllamaPipelineError(f"unexpected {type(exc).__name__}: {exc}")
-    metrics.wall_ms = (time.perf_counter() - started) * 1000.0
-    if current is not None and current.media_id == media_id:
+    def prepare(self, blocked_by: tuple[str, bool] | None = None) -> ItemOutcome | None:
+        """Plan and fingerprint; an outcome when the item is finished here (blocked, unchanged, a file
+        problem), None when it needs its model answers (then `finish`)."""
+        pipeline, stage, inputs, model = self.pipeline, self.stage, self.inputs, self.model
         try:
-            reason = note_media_problem(pipeline, inputs.media, error, known_problem(), run_id=run_id, job_id=job_id)
+            if blocked_by is not None:
+                upstream, _ = blocked_by  # retryable or not, ERROR_CODES decides for upstream_failed.*
+                raise BlockedError(f"{upstream} failed for media {self.media_id}, so {stage.job_type} was not run",
+                                   code=f"upstream_failed.{upstream}")
+            if not self.force and stage.run_condition is not None:
+                held = stage.run_condition(inputs, self.state)
+                if held is not None:
+                    pipeline.logs.job_event("stage_skipped", job_id=self.job_id, run_id=self.run_id,
+                                            media_id=self.media_id, job_type=stage.job_type, model=model,
+                                            reason=held.reason, message=held.message, calls=0)
+                    return ItemOutcome(media_id=self.media_id, stage=stage.job_type, status="skipped",
+                                       reason=held.reason, model=model)
+            self.requests = requests = list(stage.plan(stage, inputs))
+            for req in requests:
+                for ref in req.images:
+                    if ref.media_id not in self.sources:
+                        self.current = ref
+                        self.sources[ref.media_id] = _read_source(pipeline, ref, inputs.media.type,
+                                                                  ref.media_id == self.media_id)
+            self.current = None
+            self.options = options = pipeline.options_for(stage, model)
+            self.combinable = combinable(stage, inputs, requests)
+            extra = {"extra": stage.fingerprint_extra(inputs)} if stage.fingerprint_extra else {}
+            # The request shape is part of the fingerprint only when combining is on, so turning it on or
+            # off re-runs the combinable stages once, and fingerprints made without it stay as they were.
+            shape = {"shape": "combined"} if self.combinable and pipeline.settings.pipeline.combine_vision_stages else {}
+            self.fingerprint = fingerprint = sha256_json({
+                **extra, **shape,
+                "stage": stage.version, "model": model, "digest": pipeline.client.model_digest(model),
+                "options": options.ollama_options(), "max_pixels": pipeline.settings.pipeline.max_pixels,
+                "requests": [{"key": r.key, "prompt": hashlib.sha256(r.prompt.encode()).hexdigest(),
+                              "images": [self.sources[i.media_id][0] for i in r.images]} for r in requests],
+            })
+            state = self.state
+            if not self.force and state and state.get("status") == "ok" and state.get("fingerprint") == fingerprint:
+                refreshed = stage.refresh(stage, inputs) if stage.refresh is not None else None
+                if refreshed is None:
+                    return self.done(ItemOutcome(media_id=self.media_id, stage=stage.job_type, status="skipped",
+                                                 model=model, fingerprint=fingerprint))
+                return self.done(self._persist(refreshed))
+            return None
+        except OllamaPipelineError as exc:
+            return self.fail(exc)
+        except Exception as exc:  # an unexpected bug still fails only this item, with its type logged
+            return self.fail(OllamaPipelineError(f"unexpected {type(exc).__name__}: {exc}"))
+
+    def warm_up(self) -> None:
+        loading = time.perf_counter()
+        self.pipeline.warm_up(self.stage, self.model, job_id=self.job_id, run_id=self.run_id, media_id=self.media_id,
+                              job_type=self.stage.job_type)  # once per model and host; not on this item's clock
+        self.started += time.perf_counter() - loading
+
+    def image_b64(self, ref: Any) -> str:
+        """The prepared (checked, downscaled, encoded) image of a request, once per item."""
+        if ref.media_id not in self.prepared:
+            cfg = self.pipeline.settings
+            self.current = ref
+            sha, path, data, kind = self.sources[ref.media_id]
+            label = f"media file {ref.path!r}"
+            img = video_frame(path, label)[0] if kind == "video" else open_image(data or b"", label, ref.path)
+            self.prepared[ref.media_id] = encode_prepared(
+                img, ref.path, max_image_bytes=cfg.ollama.max_image_bytes, max_pixels=cfg.pipeline.max_pixels,
+                source_sha256=sha, source_bytes=len(data) if data is not None else path.stat().st_size).b64
+            self.current = None
+        return self.prepared[ref.media_id]
+
+    def finish(self, given: BaseModel | None = None, *, shared: CallMetrics | None = None,
+               combined: Sequence[str] = (), untrusted: Sequence[str] = ()) -> ItemOutcome:
+        """Call the model for each request and persist. `given`: this stage's part of a combined answer
+        (already valid against its schema); `shared`: its share of that call's cost; `combined`: the stages
+        of that call. A part that does not hold up (build or injection check) falls back to the stage's own
+        request; so does a stage whose part failed (given None, combined set)."""
+        pipeline, stage, inputs = self.pipeline, self.stage, self.inputs
+        if shared is not None:
+            _add_metrics(self.metrics, shared)
+        request = "combined" if given is not None else "own"
+        try:
+            output = None
+            if given is not None:
+                try:
+                    output = stage.combine(stage, inputs, {"main": given})
+                    check_injection(stage, inputs, output, extra=untrusted)
+                except OllamaPipelineError as exc:  # this part falls back to the stage's own request
+                    self._rejected(exc, combined)
+                    output, request = None, "own"
+            elif combined:
+                request = "own"
+            if output is None:
+                self.warm_up()
+                answers: dict[str, BaseModel] = {}
+                for req in self.requests:
+                    b64 = [self.image_b64(ref) for ref in req.images]
+                    assert self.options is not None
+                    answers[req.key] = _call_model(pipeline, stage, req, b64, self.options, self.metrics,
+                                                   str(self.media_id))
+                output = stage.combine(stage, inputs, answers)
+                check_injection(stage, inputs, output)
+            log = {"request": request, "combined_with": list(combined)} if combined else {}
+            return self.done(self._persist(output, force=self.force, **log))
+        except OllamaPipelineError as exc:
+            return self.fail(exc)
+        except Exception as exc:  # an unexpected bug still fails only this item, with its type logged
+            return self.fail(OllamaPipelineError(f"unexpected {type(exc).__name__}: {exc}"))
+
+    def _rejected(self, exc: OllamaPipelineError, combined: Sequence[str]) -> None:
+        self.pipeline.logs.job_event("combined_part_rejected", job_id=self.job_id, run_id=self.run_id,
+                                     media_id=self.media_id, job_type=self.stage.job_type, code=exc.code,
+                                     combined_with=list(combined))
+
+    def _persist(self, output: StageOutput, *, force: bool = False, **log: Any) -> ItemOutcome:
+        assert self.fingerprint is not None
+        return _persist_output(self.pipeline, self.stage, self.inputs, output, model=self.model,
+                               fingerprint=self.fingerprint, metrics=self.metrics, started=self.started,
+                               job_id=self.job_id, run_id=self.run_id, force=force, **log)
+
+    def fail(self, error: OllamaPipelineError) -> ItemOutcome:
+        pipeline, stage, media_id, model = self.pipeline, self.stage, self.media_id, self.model
+        job_id, run_id, metrics = self.job_id, self.run_id, self.metrics
+        metrics.wall_ms = (time.perf_counter() - self.started) * 1000.0
+        current = self.current
+        if current is not None and current.media_id == media_id:
+            try:
+                reason = note_media_problem(pipeline, self.inputs.media, error, self.known_problem(), run_id=run_id,
+                                            job_id=job_id)
+            except OllamaPipelineError as record_error:
+                pipeline.logs.error(record_error, media_id=media_id, job_type=stage.job_type, job_id=job_id)
+                reason = None
+            if reason is not None:
+                pipeline.logs.job_event("stage_skipped", job_id=job_id, run_id=run_id, media_id=media_id,
+                                        job_type=stage.job_type, model=model, reason=reason, code=error.code,
+                                        duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls)
+                return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", reason=reason,
+                                   model=model, fingerprint=self.fingerprint, error=error.to_dict(), metrics=metrics)
+        pipeline.logs.error(error, job_id=job_id, run_id=run_id, media_id=media_id, job_type=stage.job_type,
+                            model=model)
+        pipeline.logs.job_event("stage_failed", job_id=job_id, run_id=run_id, media_id=media_id,
+                                job_type=stage.job_type, model=model, channel=error.channel, code=error.code,
+                                duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls)
+        try:
+            repository.record_stage_failure(pipeline.engine, media_id, stage.job_type, error, model=model,
+                                            job_id=job_id, run_id=run_id,
+                                            lock_retries=pipeline.settings.database.lock_retries)
         except OllamaPipelineError as record_error:
             pipeline.logs.error(record_error, media_id=media_id, job_type=stage.job_type, job_id=job_id)
-            reason = None
-        if reason is not None:
-            pipeline.logs.job_event("stage_skipped", job_id=job_id, run_id=run_id, media_id=media_id,
-                                    job_type=stage.job_type, model=model, reason=reason, code=error.code,
-                                    duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls)
-            return ItemOutcome(media_id=media_id, stage=stage.job_type, status="skipped", reason=reason,
-                               model=model, fingerprint=fingerprint, error=error.to_dict(), metrics=metrics)
-    pipeline.logs.error(error, job_id=job_id, run_id=run_id, media_id=media_id, job_type=stage.job_type,
-                        model=model)
-    pipeline.logs.job_event("stage_failed", job_id=job_id, run_id=run_id, media_id=media_id,
-                            job_type=stage.job_type, model=model, channel=error.channel, code=error.code,
-                            duration_ms=round(metrics.wall_ms, 1), calls=metrics.calls)
-    try:
-        repository.record_stage_failure(pipeline.engine, media_id, stage.job_type, error, model=model,
-                                        job_id=job_id, run_id=run_id,
-                                        lock_retries=pipeline.settings.database.lock_retries)
-    except OllamaPipelineError as record_error:
-        pipeline.logs.error(record_error, media_id=media_id, job_type=stage.job_type, job_id=job_id)
-    return ItemOutcome(media_id=media_id, stage=stage.job_type, status="failed", model=model,
-                       fingerprint=fingerprint, error=error.to_dict(), metrics=metrics)
+        return ItemOutcome(media_id=media_id, stage=stage.job_type, status="failed", model=model,
+                           fingerprint=self.fingerprint, error=error.to_dict(), metrics=metrics)
+
+
+def _add_metrics(into: CallMetrics, more: CallMetrics) -> None:
+    for name in ("calls", "prompt_eval_count", "eval_count", "total_duration_ms", "load_duration_ms", "image_bytes",
+                 "repairs"):
+        setattr(into, name, getattr(into, name) + getattr(more, name))
 
 
 def run_item_held(pipeline: Pipeline, stage: Stage, inputs: StageInputs, **kwargs: Any) -> ItemOutcome:
@@ -566,12 +658,231 @@ def log_hosts(pipeline: Pipeline, run_id: str | None, stage: str) -> None:
         pipeline.logs.job_event("hosts", run_id=run_id, job_type=stage, hosts=pipeline.client.host_stats())
 
 
-def _run_vision_item(pipeline: Pipeline, stages: list[Stage], inputs: StageInputs,
-                     states: dict[str, dict[str, Any] | None], force: bool, run_id: str | None,
-                     problem: dict[str, Any] | None) -> list[ItemOutcome]:
-    with pipeline.client.hold(str(inputs.media.id)):
-        return [run_item(pipeline, stage, inputs, state=states[stage.job_type], force=force, run_id=run_id,
-                         problem=problem) for stage in stages]
+_CombinedAnswer = pydantic.RootModel[dict[str, Any]]
+
+
+def _split(total: float, weights: Sequence[float], *, whole: bool) -> list[float]:
+    """total shared in proportion to weights (equal shares when they are all 0); whole numbers keep the sum."""
+    w = [max(0.0, float(x)) for x in weights]
+    if not sum(w):
+        w = [1.0] * len(w)
+    raw = [total * x / sum(w) for x in w]
+    if not whole:
+        return raw
+    base = [math.floor(r) for r in raw]
+    for i in sorted(range(len(w)), key=lambda i: raw[i] - base[i], reverse=True)[: int(round(total - sum(base)))]:
+        base[i] += 1
+    return [float(b) for b in base]
+
+
+def _combined_call(pipeline: Pipeline, runs: list[_ItemRun]) -> list[tuple[BaseModel | None, CallMetrics]]:
+    """One call answering the question of every run (prepared stages of one item). Per run: its part,
+    validated against its own schema (None: no valid part, the stage falls back to its own request), and
+    its share of the call's cost. Apportioning rule: prompt tokens by each stage's share of the schema's
+    top-level fields; output tokens and model time by its share of the answer's JSON (the characters of
+    its part); the call itself, its attempts, repairs and image bytes count on the first stage."""
+    first = runs[0]
+    stages = [r.stage for r in runs]
+    request = combined_request(first.inputs, [(r.stage, r.requests[0]) for r in runs])
+    assert first.options is not None
+    options = first.options.model_copy(update={"format": combined_schema(stages)})
+    metrics = CallMetrics()
+    names = [s.job_type for s in stages]
+    parts: dict[str, Any] = {}
+    first.warm_up()
+    try:
+        b64 = [first.image_b64(ref) for ref in request.images]
+        for run in runs[1:]:
+            run.prepared.update(first.prepared)
+        try:
+            response = pipeline.client.analyze_image(b64, request.prompt, options, system=SYSTEM_PROMPT,
+                                                     affinity=str(first.media_id))
+        except OllamaPipelineError as exc:
+            metrics.calls += int(exc.details.get("attempts", 1))
+            raise
+        metrics.calls += response.attempts
+        metrics.prompt_eval_count += response.prompt_eval_count or 0
+        metrics.eval_count += response.eval_count or 0
+        metrics.total_duration_ms += (response.total_duration_ns or 0) / 1e6
+        metrics.load_duration_ms += (response.load_duration_ns or 0) / 1e6
+        metrics.image_bytes += response.image_bytes
+        parts = parse_answer(response.text, response.done_reason, _CombinedAnswer).root
+    except OllamaPipelineError as exc:  # every stage falls back to its own request (which reports its error)
+        first.current = None
+        pipeline.logs.job_event("combined_call_failed", run_id=first.run_id, media_id=first.media_id,
+                                combined_with=names, code=exc.code, calls=metrics.calls)
+    answers: list[BaseModel | None] = []
+    sizes: list[int] = []
+    for run in runs:
+        raw = parts.get(run.stage.job_type)
+        sizes.append(len(canonical_json(raw)) if raw is not None else 0)
+        try:
+            answers.append(run.stage.output_schema.model_validate(raw) if raw is not None else None)
+        except pydantic.ValidationError as exc:
+            fields = sorted({".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()})
+            run._rejected(ValidationError(f"part does not match schema {run.stage.output_schema.__name__}: fields "
+                                          f"{', '.join(fields[:8])}", code="validation.schema"), names)
+            answers.append(None)
+    prompt = _split(metrics.prompt_eval_count, [schema_fields(s) for s in stages], whole=True)
+    output = _split(metrics.eval_count, sizes, whole=True)
+    total = _split(metrics.total_duration_ms, sizes, whole=False)
+    load = _split(metrics.load_duration_ms, sizes, whole=False)
+    shares = []
+    for i in range(len(runs)):
+        shares.append(CallMetrics(calls=metrics.calls if i == 0 else 0, prompt_eval_count=int(prompt[i]),
+                                  eval_count=int(output[i]), total_duration_ms=total[i], load_duration_ms=load[i],
+                                  image_bytes=metrics.image_bytes if i == 0 else 0))
+    return list(zip(answers, shares, strict=True))
+
+
+def _item_stages(pipeline: Pipeline, stages: Sequence[Stage], inputs: StageInputs, *,
+                 states: Mapping[str, dict[str, Any] | None], problem: dict[str, Any] | None,
+                 blocked: Mapping[str, tuple[str, bool]], force: bool, model: str | None, run_id: str | None,
+                 breaker: CircuitBreaker | None) -> list[ItemOutcome]:
+    """An item's stages back to back on one slot of its host; with pipeline.combine_vision_stages the
+    combinable ones in one combined call (a stage that depends on another of them runs after it)."""
+    media_id = inputs.media.id
+    outcomes: dict[str, ItemOutcome] = {}
+    combine = pipeline.settings.pipeline.combine_vision_stages
+    names = {s.job_type for s in stages}
+
+    def stopped() -> bool:
+        return breaker is not None and breaker.open
+
+    def note(outcome: ItemOutcome, *, counted: bool = False) -> None:
+        outcomes[outcome.stage] = outcome
+        if breaker is not None and outcome.status != "untouched" and not counted:
+            breaker.record(outcome.error_obj)
+
+    def upstream_of(stage: Stage) -> tuple[str, bool] | None:
+        if stage.job_type in blocked:
+            return blocked[stage.job_type]
+        for upstream in stage.upstream:  # failed earlier in this item's turn
+            done = outcomes.get(upstream)
+            if done is not None and done.status == "failed":
+                return upstream, bool((done.error or {}).get("retryable"))
+        return None
+
+    def run_alone(stage: Stage) -> None:
+        note(run_item(pipeline, stage, inputs, state=states.get(stage.job_type), force=force, model=model,
+                      run_id=run_id, problem=problem, blocked_by=upstream_of(stage), breaker=breaker),
+             counted=True)  # run_item told the breaker
+
+    with pipeline.client.hold(str(media_id)):
+        later: list[Stage] = []
+        pending: list[_ItemRun] = []
+        for stage in stages:
+            if not combine:
+                run_alone(stage)
+                continue
+            if stage.model_kind != "vision" or set(stage.upstream) & names:
+                later.append(stage)
+                continue
+            if stopped():
+                note(ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched"))
+                continue
+            run = _ItemRun(pipeline, stage, inputs, state=states.get(stage.job_type), force=force, model=model,
+                           job_id=None, run_id=run_id, problem=problem)
+            ready = run.prepare(upstream_of(stage))
+            if ready is not None:
+                note(ready)
+            elif run.combinable:
+                pending.append(run)
+            else:
+                note(run.finish())
+        if len(pending) == 1:
+            note(pending[0].finish())
+        elif pending:
+            together = [r.stage.job_type for r in pending]
+            untrusted = [text for r in pending for text in untrusted_strings(r.stage, r.inputs)]
+            for run, (answer, share) in zip(pending, _combined_call(pipeline, pending), strict=True):
+                if answer is None and stopped():
+                    note(ItemOutcome(media_id=media_id, stage=run.stage.job_type, status="untouched",
+                                     metrics=share))
+                    continue
+                note(run.finish(answer, shared=share, combined=together, untrusted=untrusted))
+        for stage in later:
+            run_alone(stage)
+    return [outcomes[s.job_type] for s in stages]
+
+
+def run_items(pipeline: Pipeline, stages: Sequence[Stage | str], media_ids: Iterable[int], *, force: bool = False,
+              concurrency: int | None = None, run_id: str | None = None, model: str | None = None,
+              breaker: CircuitBreaker | None = None, exclude: Mapping[str, Collection[int]] | None = None,
+              chunk_size: int = 256) -> Iterator[ItemOutcome]:
+    """Several stages item by item: each item's stages back to back on one slot of its host (the image is
+    prefilled once, then served from Ollama's prompt cache; with pipeline.combine_vision_stages, one call
+    answers them all). Yields one outcome per item and stage as they complete.
+
+    exclude: per job type, items not to run for it (the caller accounts for them). breaker as in
+    run_stage: once open, the items not tried come back `untouched` for each of their stages."""
+    order = [get_stage(s) if isinstance(s, str) else s for s in stages]
+    ids = list(dict.fromkeys(int(i) for i in media_ids))
+    exclude = exclude or {}
+    skip = {s.job_type: set(exclude.get(s.job_type, ())) for s in order}
+    breaker = breaker or CircuitBreaker(pipeline.settings.pipeline.circuit_breaker)
+    workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
+    if len(pipeline.client.pool.hosts) > 1:  # enough calls at once to fill every host's slots
+        workers = max(workers, 2 * pipeline.client.pool.total_slots)
+    window = max(workers * 4, 32)
+    lock = threading.Lock()
+    submitted = 0
+    label = ",".join(s.job_type for s in order)
+
+    def wanted(media_id: int) -> list[Stage]:
+        return [s for s in order if media_id not in skip[s.job_type]]
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="items") as pool:
+        pending: set[Future[list[ItemOutcome]]] = set()
+        for start in range(0, len(ids), chunk_size):
+            if breaker.open:
+                break
+            chunk = ids[start : start + chunk_size]
+            inputs = repository.load_inputs_many(pipeline.engine, chunk)
+            with lock:
+                for stage in order:
+                    if stage.enrich is not None:
+                        stage.enrich(pipeline, inputs)  # each enrichment fills its own field
+            states = {s.job_type: repository.stage_states(pipeline.engine, s.job_type, chunk) for s in order}
+            problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
+            blocked: dict[str, dict[int, tuple[str, bool]]] = {
+                s.job_type: upstream_failures(pipeline, s, chunk) for s in order if s.upstream}
+            for media_id in chunk:
+                if breaker.open:
+                    break
+                submitted += 1
+                mine = wanted(media_id)
+                if not mine:
+                    continue
+                if media_id not in inputs:
+                    err = ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
+                    pipeline.logs.error(err, media_id=media_id, job_type=label, run_id=run_id)
+                    for stage in mine:
+                        yield ItemOutcome(media_id=media_id, stage=stage.job_type, status="failed", error=err.to_dict())
+                    continue
+                while len(pending) >= window:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        yield from fut.result()
+                pending.add(pool.submit(
+                    _item_stages, pipeline, mine, inputs[media_id],
+                    states={j: states[j].get(media_id) for j in states}, problem=problems.get(media_id),
+                    blocked={j: b[media_id] for j, b in blocked.items() if media_id in b}, force=force,
+                    model=model, run_id=run_id, breaker=breaker))
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield from fut.result()
+    untouched = 0
+    for media_id in ids[submitted:]:
+        for stage in wanted(media_id):
+            untouched += 1
+            yield ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched")
+    if breaker.open:
+        pipeline.logs.job_event("circuit_open", run_id=run_id, job_type=label,
+                                consecutive_failures=breaker.consecutive,
+                                code=(breaker.last_error or {}).get("code"), untouched=untouched)
+    log_hosts(pipeline, run_id, label)
 
 
 def run_stages(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable[int], *, force: bool = False,
@@ -585,39 +896,8 @@ def run_stages(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable
     text = [s for s in order if s.model_kind == "text"]
     ids = list(dict.fromkeys(int(i) for i in media_ids))
     if vision and ids:
-        workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
-        if len(pipeline.client.pool.hosts) > 1:
-            workers = max(workers, 2 * pipeline.client.pool.total_slots)
-        window = max(workers * 4, 32)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vision") as pool:
-            pending: set[Future[list[ItemOutcome]]] = set()
-            for start in range(0, len(ids), chunk_size):
-                chunk = ids[start : start + chunk_size]
-                inputs = repository.load_inputs_many(pipeline.engine, chunk)
-                for stage in vision:
-                    if stage.enrich is not None:
-                        stage.enrich(pipeline, inputs)  # each enrichment fills its own field
-                states = {s.job_type: repository.stage_states(pipeline.engine, s.job_type, chunk) for s in vision}
-                problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
-                for media_id in chunk:
-                    if media_id not in inputs:
-                        err = ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
-                        for stage in vision:
-                            yield ItemOutcome(media_id=media_id, stage=stage.job_type, status="failed",
-                                              error=err.to_dict())
-                        continue
-                    while len(pending) >= window:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            yield from fut.result()
-                    pending.add(pool.submit(_run_vision_item, pipeline, vision, inputs[media_id],
-                                            {j: states[j].get(media_id) for j in states}, force, run_id,
-                                            problems.get(media_id)))
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield from fut.result()
-        log_hosts(pipeline, run_id, ",".join(s.job_type for s in vision))
+        yield from run_items(pipeline, vision, ids, force=force, concurrency=concurrency, run_id=run_id,
+                             chunk_size=chunk_size)
     for stage in text:
         yield from run_stage(pipeline, stage, ids, force=force, concurrency=concurrency, run_id=run_id,
                              chunk_size=chunk_size)

@@ -1,7 +1,8 @@
 """The order in which a run's stages meet the models: all vision work first, then text, so that a host
 that fits one model at a time swaps models once per block of items, not once per item. (The other
-request-shaping rules live where the requests are made: the shared prompt prefix in core/stages/base.py,
-one num_ctx per run in core/runner.py, slots held per item in core/client.py.)
+request-shaping rules live where the requests are made: the shared prompt prefix and the combined vision
+request in core/stages/base.py, one num_ctx per run and an item's stages back to back (`run_items`) in
+core/runner.py, slots held per item in core/client.py.)
 
 Never imports Dagster.
 """

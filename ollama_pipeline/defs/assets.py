@@ -13,8 +13,11 @@ is a block of media items (core.partitioning); per-item state stays in `ollama_s
   retryable failure gets none, and the step raises `dagster.Failure` at the end naming it, so Dagster marks
   it failed and "retry failed" re-runs it; its unchanged items then cost no model call.
 - One step because Dagster skips a downstream asset step whose upstream step yielded only
-  `AssetMaterialization` events (no `Output`). Inside the step, stages run in dependency order and an item
-  whose media or upstream stage failed in this run is not sent to the model.
+  `AssetMaterialization` events (no `Output`). Inside the step, the selected vision stages run item by
+  item (an item's stages back to back on one slot of its host, for Ollama's prompt cache; with
+  `pipeline.combine_vision_stages` in one call), then the text stages; an item whose media or upstream
+  stage failed in this run is not sent to the model. With several Ollama hosts each materialization
+  carries the hosts' state and figures in this run (`hosts`).
 - A run launched by `queued_jobs_sensor` (config `batch`) processes the jobs claimed for it on the job
   worker's code path (`process_claimed`: leases renewed, end states recorded as `process_ollama_job` does).
 - A circuit breaker ends the run when Ollama stops answering; the items not tried stay untouched.
@@ -66,7 +69,7 @@ from ollama_pipeline.core.images import (
 from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.queue import store as jobs
 from ollama_pipeline.core.queue.heartbeats import Heartbeat
-from ollama_pipeline.core.runner import CircuitBreaker, Pipeline, note_media_problem, run_stage
+from ollama_pipeline.core.runner import CircuitBreaker, Pipeline, note_media_problem, run_items, run_stage
 from ollama_pipeline.core.stages.base import Stage
 from ollama_pipeline.defs.checks import check_specs_for, evaluate_checks
 from ollama_pipeline.defs.partitions import media_partitions
@@ -340,9 +343,28 @@ def stored_totals(pipeline: Pipeline, stage: str, partitioning: Partitioning, ke
             "stored_output_tokens": int(row[3]), "stored_model_time_s": round(float(row[4]) / 1000.0, 3)}
 
 
-def block_materialization(pipeline: Pipeline, asset: str, block: Block,
-                          partitioning: Partitioning) -> AssetMaterialization:
-    """The per-partition materialization: this run's counts and cost, plus what the partition holds."""
+_HOST_COUNTERS = ("calls", "ok", "failed", "downs", "prompt_tokens", "output_tokens", "model_s", "busy_s")
+
+
+def host_figures(pipeline: Pipeline, since: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Per host: its state now and what it did in this run so far (counters minus those at the run's
+    start): calls, answered, failed (calls lost there; with a network error the item moved to its next
+    host), times marked down, tokens, model and busy seconds."""
+    before = {row["host"]: row for row in since or []}
+    figures = []
+    for row in pipeline.client.host_stats():
+        start = before.get(row["host"], {})
+        delta = {k: round(row[k] - start.get(k, 0), 3) if isinstance(row[k], float) else row[k] - start.get(k, 0)
+                 for k in _HOST_COUNTERS}
+        figures.append({"host": row["host"], "up": row["up"], "slots": row["slots"], "in_flight": row["in_flight"],
+                        **delta, "last_error": row["last_error"]})
+    return figures
+
+
+def block_materialization(pipeline: Pipeline, asset: str, block: Block, partitioning: Partitioning,
+                          hosts: list[dict[str, Any]] | None = None) -> AssetMaterialization:
+    """The per-partition materialization: this run's counts and cost, plus what the partition holds (and,
+    with several Ollama hosts, each host's state and figures in this run so far)."""
     c = block.counts
     metadata: dict[str, Any] = {
         "items": block.expected, "written": c.get("written", 0), "unchanged": c.get("unchanged", 0),
@@ -354,6 +376,8 @@ def block_materialization(pipeline: Pipeline, asset: str, block: Block,
     }
     if asset != MEDIA:
         metadata.update(stored_totals(pipeline, asset, partitioning, block.key))
+    if hosts is not None and asset != MEDIA:
+        metadata["hosts"] = MetadataValue.json(host_figures(pipeline, hosts))
     return AssetMaterialization(asset_key=asset, partition=block.key, metadata=metadata)
 
 
@@ -439,9 +463,12 @@ def _materialize_library(context: AssetExecutionContext, pipeline: Pipeline, con
     def tally_for(asset: str) -> Tally:
         return Tally(asset, partitioning, {k: Block(k, len(v)) for k, v in grouped.items()}, context.log)
 
+    several = len(pipeline.client.pool.hosts) > 1
+    at_start = pipeline.client.host_stats() if several else None
+
     def finished(asset: str, tally: Tally, block: Block | None) -> Iterator[AssetMaterialization]:
         if block is not None and block.materialized:
-            yield block_materialization(pipeline, asset, block, partitioning)
+            yield block_materialization(pipeline, asset, block, partitioning, at_start)
 
     failed: dict[str, dict[int, dict[str, Any]]] = {}
     skipped: dict[int, str] = {}  # media id -> why its file cannot be used (unsupported, reported problem)
@@ -461,49 +488,79 @@ def _materialize_library(context: AssetExecutionContext, pipeline: Pipeline, con
                                                         reason=outcome.reason))
         failed[MEDIA] = tally.failed
     breaker = CircuitBreaker(pipeline.settings.pipeline.circuit_breaker)
-    for stage in stages:
+    chosen = [s for s in stages if AssetKey(s.job_type) in selected]
+    # Vision work first, then text (a host that holds one model swaps once); without claimed jobs the
+    # vision stages run item by item, an item's stages back to back on one slot of its host.
+    vision = [s for s in chosen if s.model_kind == "vision" and not set(s.upstream) & {c.job_type for c in chosen}]
+    passes: list[list[Stage]] = [] if not vision or claimed is not None else [vision]
+    passes += [[s] for s in stage_order_of(chosen) if not passes or s not in vision]
+
+    def blocked_for(stage: Stage) -> dict[int, dict[str, Any]]:
+        """Items not sent to the model for this stage: their media or upstream stage failed in this run
+        (upstream_failed), or their file cannot be used (reported by `media`: skipped)."""
+        blocked: dict[int, dict[str, Any]] = {}
+        for upstream in (MEDIA, *stage.upstream):
+            for media_id, error in failed.get(upstream, {}).items():
+                blocked.setdefault(media_id, {
+                    "channel": "blocked", "code": f"upstream_failed.{upstream}",
+                    "retryable": bool(error.get("retryable")),
+                    "message": f"{upstream} failed for this item in this run"})
+        for media_id, reason in skipped.items():
+            blocked.setdefault(media_id, {"channel": "skipped", "code": reason, "retryable": False})
+        return blocked
+
+    for group in passes:
         if breaker.open:
             break
-        if AssetKey(stage.job_type) in selected:
-            tally = tally_for(stage.job_type)
+        by_stage: dict[str, Tally] = {}
+        excluded: dict[str, dict[int, dict[str, Any]]] = {}
+        for stage in group:
+            tally = by_stage[stage.job_type] = tally_for(stage.job_type)
             tallies.append(tally)
-            # An item whose media or upstream stage failed in this run is not sent to the model.
-            blocked: dict[int, dict[str, Any]] = {}
-            for upstream in (MEDIA, *stage.upstream):
-                for media_id, error in failed.get(upstream, {}).items():
-                    blocked.setdefault(media_id, {
-                        "channel": "blocked", "code": f"upstream_failed.{upstream}",
-                        "retryable": bool(error.get("retryable")),
-                        "message": f"{upstream} failed for this item in this run"})
+            blocked = excluded[stage.job_type] = blocked_for(stage)
             for media_id, error in blocked.items():
-                yield from finished(stage.job_type, tally, tally.add(media_id, "failed", error))
-            for media_id, reason in skipped.items():  # its file cannot be used (reported by `media`)
-                if media_id not in blocked:
-                    blocked[media_id] = {"channel": "skipped", "code": reason, "retryable": False}
-                    yield from finished(stage.job_type, tally, tally.add(media_id, "skipped", reason=reason))
-            if claimed is not None:
-                todo = [job for job in claimed if job.job_type == stage.job_type and job.media_id not in blocked]
-                for job in blocked_jobs(claimed, stage, blocked):
-                    error = None if job.media_id in skipped else blocked[job.media_id]
-                    jobs.finish_claimed(pipeline, job, error, item_status="skipped" if error is None else "failed",
-                                        run_id=context.run_id)
-                for done in jobs.process_claimed(pipeline, todo, run_id=context.run_id,
-                                                 concurrency=config.concurrency, breaker=breaker):
-                    status = done.item_status or ("failed" if done.error else "written")
-                    yield from finished(stage.job_type, tally, tally.add(
-                        done.media_id or 0, status, done.error, calls=done.calls,
-                        prompt_tokens=done.prompt_eval_count, output_tokens=done.eval_count, model_ms=done.model_ms))
-            else:
-                runnable = [i for i in ids if i not in blocked]
-                for outcome in run_stage(pipeline, stage, runnable, force=config.force,
-                                         concurrency=config.concurrency, run_id=context.run_id, model=config.model,
-                                         breaker=breaker):
-                    m = outcome.metrics
-                    yield from finished(stage.job_type, tally, tally.add(
-                        outcome.media_id, outcome.status, outcome.error, reason=outcome.reason, calls=m.calls,
-                        prompt_tokens=m.prompt_eval_count, output_tokens=m.eval_count, model_ms=m.total_duration_ms))
-            failed[stage.job_type] = tally.failed
-        yield from evaluate_checks(pipeline.engine, stage, checks)
+                if error["channel"] == "skipped":
+                    yield from finished(stage.job_type, tally, tally.add(media_id, "skipped", reason=error["code"]))
+                else:
+                    yield from finished(stage.job_type, tally, tally.add(media_id, "failed", error))
+        if claimed is not None:
+            (stage,) = group
+            tally = by_stage[stage.job_type]
+            blocked = excluded[stage.job_type]
+            todo = [job for job in claimed if job.job_type == stage.job_type and job.media_id not in blocked]
+            for job in blocked_jobs(claimed, stage, blocked):
+                error = None if blocked[job.media_id]["channel"] == "skipped" else blocked[job.media_id]
+                jobs.finish_claimed(pipeline, job, error, item_status="skipped" if error is None else "failed",
+                                    run_id=context.run_id)
+            for done in jobs.process_claimed(pipeline, todo, run_id=context.run_id,
+                                             concurrency=config.concurrency, breaker=breaker):
+                status = done.item_status or ("failed" if done.error else "written")
+                yield from finished(stage.job_type, tally, tally.add(
+                    done.media_id or 0, status, done.error, calls=done.calls,
+                    prompt_tokens=done.prompt_eval_count, output_tokens=done.eval_count, model_ms=done.model_ms))
+        else:
+            runnable = [i for i in ids if any(i not in excluded[s.job_type] for s in group)]
+            outcomes = (run_items(pipeline, group, runnable, force=config.force, concurrency=config.concurrency,
+                                  run_id=context.run_id, model=config.model, breaker=breaker, exclude=excluded)
+                        if len(group) > 1 else
+                        run_stage(pipeline, group[0], runnable, force=config.force, concurrency=config.concurrency,
+                                  run_id=context.run_id, model=config.model, breaker=breaker))
+            for outcome in outcomes:
+                m = outcome.metrics
+                yield from finished(outcome.stage, by_stage[outcome.stage], by_stage[outcome.stage].add(
+                    outcome.media_id, outcome.status, outcome.error, reason=outcome.reason, calls=m.calls,
+                    prompt_tokens=m.prompt_eval_count, output_tokens=m.eval_count, model_ms=m.total_duration_ms))
+        for stage in group:
+            failed[stage.job_type] = by_stage[stage.job_type].failed
+            yield from evaluate_checks(pipeline.engine, stage, checks)
+    for stage in stages:  # checks selected without their asset
+        if stage not in chosen and not breaker.open:
+            yield from evaluate_checks(pipeline.engine, stage, checks)
+    if several:
+        for row in host_figures(pipeline, at_start):
+            context.log.info(f"host {row['host']}: {'up' if row['up'] else 'DOWN'}, {row['ok']} of {row['calls']} "
+                             f"calls answered, {row['failed']} failed, down {row['downs']}x, "
+                             f"{row['output_tokens']} output tokens, {row['model_s']} s model time")
     if breaker.open:
         # Ollama stopped answering: the items not tried stay untouched (no failed stage result), and the step
         # ends without a Failure so Dagster does not mark their partitions failed; the next run picks them up.
@@ -516,6 +573,15 @@ def _materialize_library(context: AssetExecutionContext, pipeline: Pipeline, con
     failure = failure_for(tallies)
     if failure is not None:
         raise failure
+
+
+def stage_order_of(stages: list[Stage]) -> list[Stage]:
+    """The stages in the order they meet the models (as core.shaping.stage_order): vision first, then text."""
+    ordered = [s for s in stages if s.model_kind == "vision"] + [s for s in stages if s.model_kind != "vision"]
+    position = {s.job_type: i for i, s in enumerate(ordered)}
+    if any(position.get(u, -1) > position[s.job_type] for s in ordered for u in s.upstream):
+        return stages  # a vision stage reads a text stage's output: dependency order wins
+    return ordered
 
 
 def blocked_jobs(claimed: list[jobs.Job], stage: Stage, blocked: dict[int, dict[str, Any]]) -> list[jobs.Job]:

@@ -38,7 +38,7 @@ from ollama_pipeline.emulator.protocol import RequestError
 
 VERSION = "0.32.15"  # the Ollama release this emulator follows (git tag v0.32.15)
 FAULT_KINDS = ("latency", "http_500", "http_503", "hang", "prose", "code_fence", "truncated", "reasoning",
-               "bad_schema", "stream_error")
+               "bad_schema", "stream_error", "bad_part")
 DEFAULT_MODELS = LEGACY_MODELS
 _MARKER = re.compile(r"\[\[fault:([a-z_0-9]+)(?::(\d+))?\]\]")
 RUNNER_STOPPED = ("model runner has unexpectedly stopped, this may be due to resource limitations or an internal "
@@ -748,6 +748,12 @@ async def _run(state: State, call: Call, placement: Placement, fault_header: str
             content = f"Let me think about this image step by step. The answer is:\n{content}"
         elif kind == "bad_schema":
             content = json.dumps({"unexpected": True})
+        elif kind == "bad_part":  # one property of the answer object (arg: its index, default 0) breaks its schema
+            whole = json.loads(content) if isinstance(fmt, dict) else None
+            if isinstance(whole, dict) and whole:
+                name = list(whole)[min(fault.arg or 0, len(whole) - 1)] if fault else list(whole)[0]
+                whole[name] = {"unexpected": True}
+                content = json.dumps(whole, separators=(",", ":"))
         tool_calls = _tool_calls(call, seed_material)
         if tool_calls:
             content = ""

@@ -316,3 +316,67 @@ def single_request(stage: Stage, inputs: StageInputs, **data: Any) -> list[Model
 
 def round3(value: float) -> float:
     return round(float(value), 3)
+
+
+# ---- the combined vision request (pipeline.combine_vision_stages) ---------------------------------------
+# One call per image answers the questions of several vision stages: the same start as each stage's own
+# request (system prompt, image, item facts), then every stage's question under its job type, and a schema
+# whose properties are the stages' own schemas. Each part is validated against its own stage's schema.
+
+COMBINED_INTRO = """Answer {count} questions about this image. Return one JSON object with the keys {keys}: the
+value of each key is the JSON object that answers the question of that key, as that question describes.
+
+"""
+
+
+def combinable(stage: Stage, inputs: StageInputs, requests: Sequence[ModelRequest]) -> bool:
+    """A stage can join an item's combined request: a vision stage asking one question about the item's own image."""
+    return (stage.model_kind == "vision" and len(requests) == 1
+            and tuple(r.media_id for r in requests[0].images) == (inputs.media.id,))
+
+
+def _prefixed(node: Any, prefix: str) -> Any:
+    """A copy of a schema with its `$defs` names and `#/$defs/...` references prefixed (to nest it)."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
+                out[key] = "#/$defs/" + prefix + value.removeprefix("#/$defs/")
+            elif key == "$defs" and isinstance(value, dict):
+                out[key] = {prefix + name: _prefixed(sub, prefix) for name, sub in value.items()}
+            else:
+                out[key] = _prefixed(value, prefix)
+        return out
+    if isinstance(node, list):
+        return [_prefixed(v, prefix) for v in node]
+    return node
+
+
+def combined_schema(stages: Sequence[Stage]) -> dict[str, Any]:
+    """One object schema with a required property per stage holding that stage's own schema (its `$defs`
+    moved to the top, renamed `<job_type>__<name>`)."""
+    properties: dict[str, Any] = {}
+    defs: dict[str, Any] = {}
+    for stage in stages:
+        nested = _prefixed(stage.schema, f"{stage.job_type}__")
+        defs.update(nested.pop("$defs", {}))
+        properties[stage.job_type] = nested
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "required": [s.job_type for s in stages],
+                              "additionalProperties": False}
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def combined_request(inputs: StageInputs, parts: Sequence[tuple[Stage, ModelRequest]]) -> ModelRequest:
+    """The one request of an item's combined vision stages (parts: each stage with its own request)."""
+    prefix = item_prefix(inputs)
+    keys = ", ".join(f'"{stage.job_type}"' for stage, _ in parts)
+    questions = [f"Question {stage.job_type}:\n{request.prompt.removeprefix(prefix)}" for stage, request in parts]
+    return ModelRequest(prompt=prefix + COMBINED_INTRO.format(count=len(parts), keys=keys) + "\n\n".join(questions),
+                        images=parts[0][1].images, key="combined")
+
+
+def schema_fields(stage: Stage) -> int:
+    """The number of top-level fields of a stage's answer (the prompt-token share of a combined call)."""
+    return max(1, len(stage.schema.get("properties", {})))
