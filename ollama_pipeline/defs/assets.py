@@ -55,6 +55,7 @@ from dagster import (
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
+from ollama_pipeline.core.backfill import SELECTION_TAG, selection_members
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.models import Media, OllamaStageResult
 from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
@@ -417,13 +418,17 @@ def failure_for(tallies: list[Tally]) -> Failure | None:
 def _item_ids(context: AssetExecutionContext, pipeline: Pipeline, config: StageRunConfig,
               partitioning: Partitioning, claimed: list[jobs.Job] | None) -> dict[str, list[int]]:
     """Partition key -> the items this run works on: the claimed jobs' items, the configured media ids
-    inside the run's partitions, or every item of its partitions."""
+    inside the run's partitions, the stored selection of a targeted backfill (run tag `ollama/selection`,
+    core.backfill) inside them, or every item of its partitions."""
     keys = list(context.partition_keys)
+    selection_id = context.run.tags.get(SELECTION_TAG)
     if claimed is not None:
         ids = [job.media_id for job in claimed]
     elif config.media_ids is not None:
         wanted = set(keys)
         ids = [i for i in dict.fromkeys(config.media_ids) if partitioning.key_of(i) in wanted]
+    elif selection_id is not None:
+        ids = [int(i) for i in selection_members(pipeline.engine, selection_id, keys, partitioning)]
     else:
         ids = [int(i) for i in partitioning.media_ids(pipeline.engine, keys)]
     grouped = {key: [] for key in keys}

@@ -274,5 +274,8 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         jobs.cancel_job(state.pipeline, _known_id(job_id, "job"))
         return RedirectResponse(f"/queue?done=cancelled&job={job_id}", status_code=303)
 
+    from ollama_pipeline.app.web.backfill import add_backfill_route
+
+    add_backfill_route(app, state)
     app.add_middleware(SecurityMiddleware, token=token, allowed_hosts=allowed_hosts)
     return app

@@ -142,7 +142,8 @@ def init_db(engine: Engine, library: LibraryConfig | None = None) -> list[str]:
 
 # The tables the Alembic migrations (ollama_pipeline/core/db/migrations/versions) create.
 MIGRATED_TABLES = ("ollama_jobs", "ollama_stage_results", "ollama_media_index", "ollama_values", "ollama_tag_links",
-                   "ollama_added_columns", "ollama_run_heartbeats")
+                   "ollama_added_columns", "ollama_run_heartbeats", "ollama_backfill_selections",
+                   "ollama_backfill_items")
 
 
 def engine_for_settings(settings: Any) -> Engine:

@@ -263,3 +263,28 @@ class OllamaRunHeartbeat(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class OllamaBackfillSelection(Base):
+    """A targeted backfill's question and answer (core.backfill): the `--where` clauses, the stages it
+    materializes, how many items and partitions it holds, and the Dagster backfill that was launched."""
+
+    __tablename__ = "ollama_backfill_selections"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    where_text: Mapped[str] = mapped_column(Text)  # the clauses as given, one per line
+    stages: Mapped[str] = mapped_column(Text)  # JSON list of asset names
+    items: Mapped[int] = mapped_column(Integer, default=0)
+    partitions: Mapped[int] = mapped_column(Integer, default=0)
+    backfill_id: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16), default="cli")  # cli | web | bench
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class OllamaBackfillItem(Base):
+    """One member of a stored selection: what the backfill's runs restrict their partitions to."""
+
+    __tablename__ = "ollama_backfill_items"
+
+    selection_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    media_id: Mapped[int] = mapped_column(Integer, primary_key=True)
