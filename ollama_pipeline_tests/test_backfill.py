@@ -252,3 +252,27 @@ def test_the_gallery_button_launches_a_cancellable_backfill_for_its_filter(
     assert {"key": SELECTION_TAG, "value": row.id} in listed[0]["tags"]
     assert cancel(call, row.backfill_id) == "CancelBackfillSuccess"
     assert backfill_state(call, row.backfill_id)["status"] in ("CANCELING", "CANCELED")
+
+
+def test_the_selection_tables_migrate_up_from_0003_and_down_again(tmp_path: Path) -> None:
+    """A library at revision 0003 gets the selection tables from init-db; downgrading to 0003 drops only them."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from ollama_pipeline.core.db.engine import init_db, make_engine
+    from ollama_pipeline.core.db.migrations import alembic_config, current_revision, head_revision
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'lib.sqlite'}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn, gallery_fk=False), "0003")
+    assert "ollama_backfill_selections" not in inspect(engine).get_table_names()
+    init_db(engine)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    assert {"ollama_backfill_selections", "ollama_backfill_items"} <= set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn, gallery_fk=False), "0003")
+    tables = set(inspect(engine).get_table_names())
+    assert not {"ollama_backfill_selections", "ollama_backfill_items"} & tables
+    assert {"ollama_jobs", "ollama_stage_results", "ollama_run_heartbeats"} <= tables
+    engine.dispose()
