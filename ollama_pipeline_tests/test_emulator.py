@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -283,19 +284,20 @@ def test_parallel_slots_serialise_calls_on_a_loaded_model() -> None:
         assert codes == [200] * 6 and server.stats()["max_inflight_seen"] == 2
 
 
-def test_no_delayed_ack_stall(emulator) -> None:
-    """No call waits for a delayed ACK: the fastest of 50 sequential calls is well under the 40 ms stall
-    (every call would take at least 40 ms if headers and body waited on Nagle; the machine's load only
-    makes some calls slower)."""
-    client = ollama.Client(host=emulator.base_url)
-    client.generate(model="llama3.2:3b", prompt="warm up")
-    times = []
-    for _ in range(50):
-        started = time.perf_counter()
-        client.generate(model="llama3.2:3b", prompt="x")
-        times.append(time.perf_counter() - started)
-    assert min(times) < 0.030
-    assert emulator.stats()["model_calls"] == 51
+def test_every_accepted_connection_has_tcp_nodelay(emulator) -> None:
+    """Responses never wait ~40 ms for a delayed ACK: each socket the server accepted has TCP_NODELAY set, so
+    a small write goes out at once (asyncio sets it on IPPROTO_TCP sockets, base_events._set_nodelay; the
+    effect in ms is measured by `python -m ollama_pipeline.bench.emulator_calls`, not here)."""
+    with httpx.Client(base_url=emulator.base_url, timeout=30) as client:  # keep-alive: the connection stays open
+        for _ in range(3):
+            answer = client.post("/api/generate", json={"model": "llama3.2:3b", "prompt": "x", "stream": False})
+            assert answer.status_code == 200
+        connections = list(emulator._server.server_state.connections)
+        assert connections, "the client's keep-alive connection is open on the server"
+        for protocol in connections:
+            accepted = protocol.transport.get_extra_info("socket")
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert emulator.stats()["model_calls"] == 3
 
 
 def test_a_client_that_goes_away_frees_its_slot() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from PIL import Image
@@ -214,6 +215,12 @@ def test_claims_run_higher_priority_first_then_oldest(db_url: str, offline_setti
     assert jobs.claim_jobs(pipeline, "w3", 5) == []
 
 
+def _hanging_in_the_model_call(emulator: Any) -> bool:
+    """The emulator holds one model call open under its hang fault (counted, fault picked, not answered)."""
+    held = emulator.stats()["inflight"] == 1
+    return held and len(httpx.get(emulator.base_url + "/_emulator/requests", timeout=10).json()["requests"]) == 1
+
+
 def test_killed_worker_leaves_no_partial_write_and_its_job_completes_after_the_lease(
         db_url: str, settings_factory: Callable[..., Settings], emulator: Any, tmp_path: Path) -> None:
     """A worker killed with SIGKILL mid-call writes nothing; after its lease runs out another worker finishes."""
@@ -226,10 +233,9 @@ def test_killed_worker_leaves_no_partial_write_and_its_job_completes_after_the_l
     (proc,) = procs = [_spawn(tmp_path, config, go, "process", "doomed")]
     _start_together(procs, go)
     deadline = time.monotonic() + 20
-    while emulator.stats()["model_calls"] < 1:
+    while not _hanging_in_the_model_call(emulator):  # the call is held by the hang fault: mid-call for sure
         assert time.monotonic() < deadline, "the worker never reached the model call"
         time.sleep(0.02)
-    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
     emulator.set_faults([])
