@@ -35,7 +35,7 @@ from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult
 from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.stages import STAGES
 from ollama_pipeline.definitions import defs
-from ollama_pipeline.defs.assets import MEDIA, all_assets
+from ollama_pipeline.defs.assets import ASSET_GROUP, FAMILY_TAG, MEDIA, all_assets
 from ollama_pipeline.defs.checks import degenerate_check_name, schema_check_name
 from ollama_pipeline.defs.launch import materialize_stages
 from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME, contiguous_ranges
@@ -85,7 +85,7 @@ def test_asset_graph_puts_media_upstream_of_every_stage_from_the_registry() -> N
         node = graph.get(AssetKey(stage.job_type))
         assert AssetKey(MEDIA) in node.parent_keys
         assert {AssetKey(u) for u in stage.upstream} <= set(node.parent_keys)
-        assert node.group_name == stage.group
+        assert node.group_name == ASSET_GROUP and node.tags[FAMILY_TAG] == stage.group
         assert node.code_version == stage.code_version
         assert node.partitions_def.name == MEDIA_PARTITIONS_NAME
         assert all(key in (node.description or "") for key in stage.writes)

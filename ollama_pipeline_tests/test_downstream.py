@@ -73,7 +73,7 @@ def _stage_all_in_core(settings: Settings, ids: list[int]) -> Counter[str]:
 
 
 def test_downstream_assets_sit_below_every_stage_unpartitioned_and_outside_the_partition_job() -> None:
-    """Both assets: group ollama_downstream, no partitions, parents = the eight stage assets."""
+    """Both assets: in the code location's one group, no partitions, parents = the eight stage assets."""
     graph = defs.resolve_asset_graph()
     stage_keys = {AssetKey(s) for s in STAGES}
     for name in (EXPORT, REPORT):

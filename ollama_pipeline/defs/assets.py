@@ -2,7 +2,10 @@
 
 Every asset is declared from data: `media` indexes the files (content hash, perceptual hash, size), and a
 factory turns each registry `Stage` into an `AssetSpec` (key = job type, deps = media + upstream stages,
-group, description, code version). All of them are executed by one subsettable multi-asset,
+description, code version, the stage's family as a tag). Every asset of the code location is in ONE
+asset group, `ASSET_GROUP`: Dagster's lineage view draws groups as boxes that start collapsed, and only
+when it shows more than one group (dagster-ui `asset-graph/layout.ts`, `groupRendering: 'if-varied'`), so
+with one group it opens with every asset drawn. All of them are executed by one subsettable multi-asset,
 `ollama_library`, in one step per run over a range of partitions (single-run backfill policy). A partition
 is a block of media items (core.partitioning); per-item state stays in `ollama_stage_results`.
 
@@ -124,10 +127,14 @@ def ordered_stages() -> list[Stage]:
     return list(done.values())
 
 
+ASSET_GROUP = "ollama_pipeline"
+FAMILY_TAG = "ollama_pipeline/family"  # the registry's stage family (ollama_describe, ollama_judge)
+
+
 def media_spec() -> AssetSpec:
     """The `media` asset: one partition per media row, its file checked and hashed."""
     return AssetSpec(
-        MEDIA, group_name="library", code_version=MEDIA_CODE_VERSION, skippable=True,
+        MEDIA, group_name=ASSET_GROUP, code_version=MEDIA_CODE_VERSION, skippable=True,
         description="The media files of the library, partitioned by blocks of `media.id`. Each file is read inside "
         "the media root and decoded; its content SHA-256 (the data version), 64-bit dHash, size and pixel "
         "size go to `ollama_media_index`. Files whose size and mtime are unchanged are not re-read.",
@@ -139,8 +146,8 @@ def stage_spec(stage: Stage) -> AssetSpec:
     writes = ", ".join(f"`{key}`" for key in stage.writes)
     tables = f" Also writes: {', '.join(stage.writes_tables)}." if stage.writes_tables else ""
     return AssetSpec(
-        stage.job_type, deps=[MEDIA, *stage.external_inputs, *stage.upstream], group_name=stage.group,
-        code_version=stage.code_version, skippable=True, kinds={"ollama"},
+        stage.job_type, deps=[MEDIA, *stage.external_inputs, *stage.upstream], group_name=ASSET_GROUP,
+        code_version=stage.code_version, skippable=True, kinds={"ollama"}, tags={FAMILY_TAG: stage.group},
         description=f"{stage.title}: {stage.description}\n\nWrites `media_meta`: {writes} (plus "
         f"`ollama.model`, `ollama.version`, `ollama.last_run_at`).{tables} Model: ollama.{stage.model_kind}_model.",
         metadata={"job_type": stage.job_type, "writes": MetadataValue.json(list(stage.writes)),
@@ -622,7 +629,7 @@ EXTERNAL_INPUTS: dict[str, str] = {
     "gallery application; read by the policy stage. Not materialized by this project.",
 }
 external_assets: list[AssetSpec] = [
-    AssetSpec(name, group_name="library", description=text, metadata={"table": name})
+    AssetSpec(name, group_name=ASSET_GROUP, description=text, metadata={"table": name})
     for name, text in EXTERNAL_INPUTS.items()
     if any(name in stage.external_inputs for stage in ordered_stages())
 ]

@@ -42,10 +42,10 @@ from ollama_pipeline.core.report import (
     key_figures,
     write_report,
 )
-from ollama_pipeline.defs.assets import ollama_stage_assets
+from ollama_pipeline.defs.assets import ASSET_GROUP, ollama_stage_assets
 from ollama_pipeline.defs.resources import PipelineResource
 
-DOWNSTREAM_GROUP = "ollama_downstream"
+DOWNSTREAM_GROUP = ASSET_GROUP  # the code location's one asset group (defs.assets)
 STAGE_KEYS = [spec.key for spec in ollama_stage_assets]
 DOWNSTREAM_CRON = "0 * * * *"  # hourly, on the hour (UTC)
 
