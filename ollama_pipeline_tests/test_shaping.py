@@ -130,7 +130,7 @@ def test_a_dagster_run_serves_each_items_image_from_the_cache_and_never_reloads(
     try:
         monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
         settings = _settings(tmp_path, host.base_url)
-        ids = _library(settings, 8)
+        ids = _library(settings, 4)
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump(settings.model_dump(mode="json")), encoding="utf-8")
         stages = [*VISION, "ollama_title"]

@@ -116,6 +116,7 @@ def shaping(workdir: Path, *, items: int, profile: str, scale: float, stages: tu
 def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, scale: float, stages: tuple[str, ...],
             kill_at_half: bool = False) -> dict[str, Any]:
     from ollama_pipeline.core.runner import Pipeline, run_stages
+    from ollama_pipeline.core.stages import get_stage
 
     db = workdir / f"hosts.{n}.{kill_at_half}.db"
     copy_sqlite_library(base, db)
@@ -135,6 +136,8 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
                 hosts[-1].proc.kill()
             killer = threading.Thread(target=kill, daemon=True)
             killer.start()
+        for stage in {get_stage(j).model_kind: get_stage(j) for j in stages}.values():
+            pipeline.warm_up(stage)  # loads every model on every host before the clock starts
         started = time.perf_counter()
         outcomes = list(run_stages(pipeline, stages, ids))
         wall = time.perf_counter() - started
