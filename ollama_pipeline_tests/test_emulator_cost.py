@@ -50,7 +50,8 @@ def test_durations_and_counters_equal_a_hand_computation() -> None:
         n1 = header + 256 + tokens(p1 + "\n") + footer
         assert first["prompt_eval_count"] == n1
         assert first["prompt_eval_duration"] == ns(n1 / gemma_prefill)
-        assert first["eval_duration"] == ns(first["eval_count"] / gemma_decode)
+        assert first["eval_count"] == tokens(first["response"])  # the answer's own tokens, its length drawn
+        assert first["eval_duration"] == ns(tokens(first["response"]) / gemma_decode)
         assert first["load_duration"] == ns(gemma_load)
         assert first["total_duration"] == ns(gemma_load + n1 / gemma_prefill + first["eval_count"] / gemma_decode)
 
@@ -73,7 +74,11 @@ def test_durations_and_counters_equal_a_hand_computation() -> None:
         n4 = header + tokens(p4 + "\n") + footer
         assert fourth["load_duration"] == ns(llama_load)
         assert fourth["prompt_eval_duration"] == ns(n4 / llama_prefill)
-        assert fourth["eval_duration"] == ns(fourth["eval_count"] / llama_decode)
+        assert fourth["eval_duration"] == ns(tokens(fourth["response"]) / llama_decode)
+        # num_predict cuts decoding: 7 tokens decoded, 7 charged (llm/llama_server.go Completion)
+        cut = generate("llama3.2:3b", p4 + " Again.", options={"num_predict": 7})
+        assert (cut["done_reason"], cut["eval_count"], len(cut["response"])) == ("length", 7, 28)
+        assert cut["eval_duration"] == ns(7 / llama_decode)
 
         stats = server.stats()
         gemma, llama = stats["models"]["gemma3:4b"], stats["models"]["llama3.2:3b"]

@@ -116,6 +116,16 @@ def postgres_instance_config(url: str) -> dict[str, Any]:
     }
 
 
+def _admin(url: str, statement: str) -> None:
+    """One statement outside a transaction (CREATE/DROP DATABASE) on the PostgreSQL server at url."""
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(statement))
+    finally:
+        admin.dispose()
+
+
 @contextmanager
 def dagster_home(workdir: Path, kind: InstanceKind, *, plain: bool = False) -> Iterator[Path]:
     """A temporary DAGSTER_HOME configured as the project ships it (dagster.yaml, README): Dagster's own
@@ -128,20 +138,14 @@ def dagster_home(workdir: Path, kind: InstanceKind, *, plain: bool = False) -> I
     admin_url = os.environ.get(PG_ADMIN_URL_ENV, DEFAULT_PG_ADMIN_URL)
     if kind == "postgres":
         database = f"ollama_bench_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{database}"'))
-        admin.dispose()
+        _admin(admin_url, f'CREATE DATABASE "{database}"')
         config.update(postgres_instance_config(admin_url.rsplit("/", 1)[0] + f"/{database}"))
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     try:
         yield home
     finally:
         if database is not None:
-            admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-            admin.dispose()
+            _admin(admin_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections.abc import Callable
+from statistics import NormalDist
 from typing import Any
 
 from ollama_pipeline.emulator.gullible import injected_payload
+from ollama_pipeline.emulator.profiles import LENGTH_SIGMA, PROSE, AnswerKind, answer_kind
 
 SUBJECTS = ["a red fox", "a lighthouse", "a cyberpunk city street", "a mountain lake", "a sleeping cat",
             "an old sailing ship", "a robot gardener", "a dragon over a castle", "a field of sunflowers",
@@ -22,6 +26,11 @@ STYLES = ["in watercolor", "as a photorealistic render", "in anime style", "as a
           "in soft pastel tones", "with dramatic lighting", "in a minimalist style", "as a pencil sketch"]
 COLOURS = ["warm orange", "deep blue", "emerald green", "muted grey", "golden", "violet", "crimson", "teal"]
 MOODS = ["calm", "mysterious", "joyful", "melancholic", "energetic", "dreamy"]
+NEGATIVE = ["blurry", "lowres", "bad anatomy", "extra fingers", "watermark", "jpeg artifacts", "text",
+            "deformed", "oversaturated", "cropped", "worst quality", "signature"]
+PROMPT_WORDS = ["masterpiece", "best quality", "highly detailed", "8k", "sharp focus", "cinematic lighting",
+                "volumetric light", "depth of field", "intricate details", "trending on artstation", "soft shadows",
+                "wide angle", "bokeh", "golden hour", "concept art", "ultra realistic"]
 WORDS = ["portrait", "landscape", "cat", "cats", "sunset", "forest", "city", "night", "mountain", "ocean",
          "flower", "dragon", "robot", "anime", "photorealistic", "watercolor", "car", "woman", "kitty",
          "Automobile", "sea", "boxes", "neon", "castle", "snow", "river", "sky", "light"]
@@ -72,6 +81,8 @@ def _string(name: str, schema: dict[str, Any], rng: Rng) -> str:
         text = f"{rng.choice(MOODS).capitalize()} {rng.choice(SUBJECTS).split(' ', 1)[1]}"
     elif "tag" in lname or lname in ("name", "label"):
         text = rng.choice(WORDS)
+    elif "negative" in lname:
+        text = ", ".join(rng.choice(NEGATIVE) for _ in range(3))
     elif "prompt" in lname:
         text = f"{rng.choice(SUBJECTS)}, {rng.choice(STYLES)}, {rng.choice(COLOURS)}, masterpiece, best quality"
     elif "reason" in lname:
@@ -218,17 +229,139 @@ def prose(rng: Rng) -> str:
     return " ".join(sentence(rng) for _ in range(rng.randint(1, 4)))
 
 
+# ---- answer lengths (the kinds and their means: profiles.py ANSWER_KINDS) ------------------------------
+
+def drawn_tokens(seed_material: str, kind: AnswerKind) -> int:
+    """Output tokens of this request's answer: log-normal around the kind's mean, the same for the same request."""
+    u = min(max(Rng(seed_material + ":length").random(), 1e-6), 1 - 1e-6)
+    mu = math.log(kind.mean_tokens) - LENGTH_SIGMA**2 / 2  # so that the mean is mean_tokens
+    return max(1, min(4 * kind.mean_tokens, round(math.exp(mu + LENGTH_SIGMA * NormalDist().inv_cdf(u)))))
+
+
+def _more(name: str, rng: Rng) -> str:
+    """A few more plausible words for a field: a phrase for a (negative) prompt, a sentence otherwise."""
+    lname = name.lower()
+    if "negative" in lname:
+        return ", " + rng.choice(NEGATIVE)
+    if "prompt" in lname:
+        return ", " + rng.choice(PROMPT_WORDS + STYLES + [f"{c} tones" for c in COLOURS])
+    return " " + sentence(rng)
+
+
+def _longer(text: str, name: str, need: int, max_len: int, rng: Rng) -> str:
+    """text with whole sentences (phrases for a prompt) added while that brings it nearer to `need` more
+    characters, never past max_len."""
+    goal = len(text) + need
+    if "prompt" not in name.lower() and text and not text.endswith((".", "!", "?")) and len(text) < max_len:
+        text += "."  # a phrase such as "calm composition, teal palette" becomes a sentence before the next one
+    while len(text) < goal:
+        piece = _more(name, rng)
+        for _ in range(3):  # a prompt seldom repeats a phrase: draw again a few times
+            if piece not in text:
+                break
+            piece = _more(name, rng)
+        longer = len(text) + len(piece)
+        if longer > max_len or longer - goal > goal - len(text):
+            break
+        text += piece
+    return text
+
+
+def _shortest(value: Any, schema: dict[str, Any]) -> Any:
+    """The shortest plausible start of a field that will be padded: its first sentence, its first items."""
+    if isinstance(value, str):
+        head = value.split(". ", 1)[0]
+        head = head if head.endswith(".") or head == value else head + "."
+        return head if len(head) >= int(schema.get("minLength", 1)) else value
+    if isinstance(value, list):
+        return value[: max(1, int(schema.get("minItems", 1)))]
+    return value
+
+
+def fit_length(value: Any, kind: AnswerKind | None, tokens: int, rng: Rng, dump: Callable[[Any], str],
+               field_schema: Callable[[str], dict[str, Any]], new_item: Callable[[str], Any]) -> Any:
+    """value with its kind's fields padded until dump(value) is about `tokens` long (4 characters a token).
+
+    Fields keep their schema's limits (maxLength, maxItems); a kind without such fields keeps its length.
+    """
+    if kind is None or not isinstance(value, dict) or rng.override:
+        return value
+    goal = tokens * 4
+    by_lower = {str(k).lower(): k for k in value}
+    fields = [by_lower[g] for g in kind.grow if g in by_lower and isinstance(value[by_lower[g]], (str, list))]
+    for key in fields:
+        value[key] = _shortest(value[key], field_schema(key))
+    for key in fields:
+        schema = field_schema(key)
+        need = goal - len(dump(value))
+        if need <= 0:
+            break
+        if isinstance(value[key], str):
+            value[key] = _longer(value[key], key, need, int(schema.get("maxLength", 2000)), rng)
+            continue
+        items = value[key]
+        while len(items) < min(int(schema.get("maxItems", kind.max_items)), kind.max_items) and len(dump(value)) < goal:
+            item = new_item(key)
+            for _ in range(5):  # a model seldom repeats a tag: draw again a few times
+                if _label(item) not in {_label(i) for i in items}:
+                    break
+                item = new_item(key)
+            items.append(item)
+    return value
+
+
+def _label(item: Any) -> Any:
+    return item.get("name", json.dumps(item, sort_keys=True)) if isinstance(item, dict) else item
+
+
+def _schema_field(schema: dict[str, Any], root: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
+    props = _resolve(schema, root).get("properties", {})
+    return lambda key: _resolve(props.get(key, {}), root)
+
+
 def answer_for(seed_material: str, fmt: Any, prompt: str = "") -> str:
-    """The text of an answer: schema-conforming JSON, JSON in the shape the prompt asks for, or prose."""
+    """The text of an answer: schema-conforming JSON, JSON in the shape the prompt asks for, or prose; its
+    free-text or tag fields padded to the length drawn for the request (`drawn_tokens`)."""
     rng = Rng(seed_material, injected_payload(prompt))
     if isinstance(fmt, dict):
-        return json.dumps(generate(fmt, rng), separators=(",", ":"))
+        def dump(v: Any) -> str:
+            return json.dumps(v, separators=(",", ":"))
+
+        value = generate(fmt, rng)
+        kind = answer_kind(value) if isinstance(value, dict) else None
+        field = _schema_field(fmt, fmt)
+
+        def new_item(key: str) -> Any:
+            sub = field(key)
+            return generate(sub.get("items", {"type": "string"}), rng, fmt, key.rstrip("s"))
+
+        if kind is not None:
+            value = fit_length(value, kind, drawn_tokens(seed_material, kind), rng, dump, field, new_item)
+        return dump(value)
     shape = requested_shape(prompt)
+
+    def loose(v: Any) -> str:
+        return json.dumps(v, ensure_ascii=False)
+
     if shape is not None and (fmt == "json" or "json" in prompt.lower()):
-        return json.dumps(_fill(shape, rng, prompt), ensure_ascii=False)
+        value = _fill(shape, rng, prompt)
+        kind = answer_kind(value)
+
+        def like_item(key: str) -> Any:
+            example = shape.get(key)
+            first = example[0] if isinstance(example, list) and example else ""
+            return _fill(first, rng, prompt) if isinstance(first, dict) else _string(key.rstrip("s"), {}, rng)
+
+        if kind is not None:
+            value = fit_length(value, kind, drawn_tokens(seed_material, kind), rng, loose, lambda _k: {}, like_item)
+        return loose(value)
+    text = prose(rng)
+    if not rng.override:
+        text = _shortest(text, {})
+        text = _longer(text, "response", drawn_tokens(seed_material, PROSE) * 4 - len(text), 8000, rng)
     if fmt == "json":
-        return json.dumps({"response": prose(rng)}, ensure_ascii=False)
-    return prose(rng)
+        return loose({"response": text})
+    return text
 
 
 def thinking_for(seed_material: str, tokens: int) -> str:

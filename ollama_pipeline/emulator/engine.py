@@ -195,6 +195,14 @@ class Engine:
             self.counters[model] = ModelCounters()
         return self.counters[model]
 
+    def add(self, model: str, **deltas: float) -> ModelCounters:
+        """Add to a model's counters (under the lock)."""
+        with self.lock:
+            c = self.c(model)
+            for name, delta in deltas.items():
+                setattr(c, name, getattr(c, name) + delta)
+            return c
+
     def _event(self, kind: str, model: str, **extra: Any) -> None:
         self.events.append({"event": kind, "model": model, "t": round(self.clock.model_now(), 6), **extra})
         del self.events[:-500]
@@ -404,10 +412,8 @@ class Engine:
         runner = Runner(model, req.options, parallel, session, req.num_ctx_auto, req.num_batch_auto,
                         model.memory_bytes(req.options["num_ctx"], parallel), self.clock)
         self.loaded[model.name] = runner
+        self.add(model.name, loads=1, load_s=load_s)
         with self.lock:
-            c = self.c(model.name)
-            c.loads += 1
-            c.load_s += load_s
             self._event("load", model.name, num_ctx=runner.num_ctx, parallel=parallel, load_s=load_s)
         self._use(runner, req)
         return runner

@@ -148,6 +148,65 @@ MODELS: dict[str, ModelProfile] = {m.name: m for m in [
         source="ollama.com/library/nomic-embed-text (274 MB, 2K context, 768 dimensions)"),
 ]}
 
+# ---- answer lengths -----------------------------------------------------------------------------------
+# A model's answer is not a fixed length: each request draws its output tokens around the mean of its kind
+# (log-normal, LENGTH_SIGMA; deterministic from the request), and the kind's free-text or tag-list fields are
+# padded with plausible words to that length. The kind is recognised from the top-level keys of the JSON the
+# request asks for (a schema's properties or the shape a prompt shows), so the emulator needs nothing of the
+# pipeline. Tokens are the emulator's 4 characters ("1 token ~= 4 chars in English ~= 3/4 word", OpenAI,
+# help.openai.com "What are tokens and how to count them"). A sentence of ~20 words is ~27 tokens (assumed
+# sentence length). Every mean is a stated assumption derived from what the prompt asks for; the derivation
+# is in docs/emulator_profiles.md ("Answer lengths").
+
+
+@dataclass(frozen=True)
+class AnswerKind:
+    """One kind of answer: how to recognise it, which fields carry its length, its mean output tokens."""
+
+    name: str
+    keys: tuple[str, ...]  # an answer object with any of these top-level keys is of this kind (first match)
+    grow: tuple[str, ...]  # the fields padded to the drawn length, in order (free text, or a list of tags)
+    mean_tokens: int
+    source: str
+    max_items: int = 25  # a list grows to at most this many items (the tag prompts ask for at most 25)
+
+
+SENTENCE_TOKENS = 27  # assumption: ~20 words a sentence × 4/3 tokens a word (OpenAI's rule of thumb)
+LENGTH_SIGMA = 0.3  # assumption: σ of the log-normal draw (coefficient of variation ≈ 0.31, right-skewed)
+ANSWER_KINDS: tuple[AnswerKind, ...] = (
+    # "caption" (one sentence) + "description" (two to four sentences): 1 + 3 sentences and the JSON keys
+    AnswerKind("description", ("description",), ("description",), 4 * SENTENCE_TOKENS + 7,
+               "assumption: 1 caption sentence + 3 description sentences (the prompt asks for two to four)"),
+    # a text-to-image prompt fills about CLIP's 77-token window, its negative prompt about a third of that
+    AnswerKind("prompt", ("negative_prompt", "prompt"), ("prompt", "negative_prompt"), 95,
+               "assumption: positive prompt ~ CLIP text encoder's 77-token context (Stable Diffusion model card) "
+               "+ a negative prompt of ~20 tokens"),
+    # at most 25 tags are asked for; ~15 given, each {"name": ..., "confidence": ...} ~9 tokens
+    AnswerKind("tags", ("tags", "keywords"), ("tags", "keywords"), 140,
+               "assumption: 15 tags of ~9 tokens each (the prompt allows at most 25)"),
+    # one summary sentence, a few issues with severities, score and verdict
+    AnswerKind("quality", ("summary", "issues"), ("summary",), 80,
+               "assumption: 1 summary sentence (~27) + 4 issues of ~10 tokens + score and verdict (~13)"),
+    AnswerKind("caption", ("caption",), ("caption", "rationale"), 65,
+               "assumption: 1 caption sentence (~27) + 1 rationale sentence (~27) + the JSON keys and short lists (~11)"),
+    AnswerKind("reason", ("reason", "rationale"), ("reason", "rationale"), 35,
+               "assumption: a reason of a few words to one sentence + relation and confidence"),
+    AnswerKind("prose", ("response",), ("response",), 150,
+               "assumption: an open answer of 5–6 sentences (no JSON asked for)"),
+)
+# Kinds whose answer has no free text (a title, four scores, a rating with flags) keep the length of their
+# structure: their content is the judgement, and padding it would change what they say.
+
+
+def answer_kind(keys: Any) -> AnswerKind | None:
+    """The kind of an answer object with these top-level keys (None: no kind, its natural length)."""
+    names = {str(k).lower() for k in keys}
+    return next((kind for kind in ANSWER_KINDS if names & set(kind.keys)), None)
+
+
+PROSE = ANSWER_KINDS[-1]
+
+
 # sched.go (load): "Some architectures are not safe with num_parallel > 1" (ollama issue #4165).
 FORCED_PARALLEL_1 = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "lfm2moe",
                      "nemotron_h", "nemotron_h_moe", "nemotron_h_omni")

@@ -94,6 +94,8 @@ EMBED = ("EmbedRequest", {"model": "string", "input": "any", "keep_alive": "dura
 EMBEDDINGS = ("EmbeddingRequest", {"model": "string", "prompt": "string", "keep_alive": "duration", "options": "map"})
 SHOW = ("ShowRequest", {"model": "string", "name": "string", "system": "string", "template": "string",
                         "verbose": "bool", "options": "map"})
+COPY = ("CopyRequest", {"source": "string", "destination": "string"})
+DELETE = ("DeleteRequest", {"model": "string", "name": "string"})
 PULL = ("PullRequest", {"model": "string", "name": "string", "insecure": "bool", "username": "string",
                         "password": "string", "stream": "*bool"})
 

@@ -11,6 +11,7 @@ every connection (small writes never wait ~40 ms for a delayed ACK). Must not im
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -233,6 +234,27 @@ async def _body(request: Request, spec: tuple[str, dict[str, str]]) -> dict[str,
     return proto.decode_struct(proto.decode_body(await request.body()), spec)
 
 
+Handler = Callable[[Request, "State", dict[str, Any]], Awaitable[Response]]
+
+
+def api(spec: tuple[str, dict[str, str]] | None = None) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """An Ollama endpoint: counts the request, decodes its body into the request struct `spec` (if any) and
+    answers a RequestError raised while handling it with its status and `{"error": ...}` (as routes.go's
+    handlers answer `c.AbortWithStatusJSON(status, gin.H{"error": ...})`)."""
+    def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+        @functools.wraps(fn)
+        async def handler(request: Request) -> Response:
+            state: State = request.app.state.emu
+            _count(state, request.url.path)
+            try:
+                body = await _body(request, spec) if spec else {}
+                return await fn(request, state, body)
+            except RequestError as exc:
+                return _error(exc.status, exc.message)
+        return handler
+    return wrap
+
+
 def _model_details(m: ModelProfile) -> dict[str, Any]:
     return {"parent_model": "", "format": "gguf", "family": m.family, "families": list(m.families),
             "parameter_size": m.parameter_size, "quantization_level": m.quantization}
@@ -245,25 +267,23 @@ def _entry(m: ModelProfile, name: str | None = None) -> dict[str, Any]:
 
 # ---- metadata endpoints ---------------------------------------------------------------------------------
 
-async def root(request: Request) -> Response:
-    _count(request.app.state.emu, "/")
+@api()
+async def root(request: Request, state: State, body: dict[str, Any]) -> Response:
     return PlainTextResponse("Ollama is running")
 
 
-async def version(request: Request) -> Response:
-    _count(request.app.state.emu, "/api/version")
+@api()
+async def version(request: Request, state: State, body: dict[str, Any]) -> Response:
     return JSONResponse({"version": VERSION})
 
 
-async def tags(request: Request) -> Response:
-    state: State = request.app.state.emu
-    _count(state, "/api/tags")
+@api()
+async def tags(request: Request, state: State, body: dict[str, Any]) -> Response:
     return JSONResponse({"models": [_entry(m, name) for name, m in state.listed.items()]})
 
 
-async def ps(request: Request) -> Response:
-    state: State = request.app.state.emu
-    _count(state, "/api/ps")
+@api()
+async def ps(request: Request, state: State, body: dict[str, Any]) -> Response:
     rows = []
     for runner in list(state.engine.loaded.values()):
         m = runner.model
@@ -273,13 +293,8 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": rows})
 
 
-async def show(request: Request) -> Response:
-    state: State = request.app.state.emu
-    _count(state, "/api/show")
-    try:
-        body = await _body(request, proto.SHOW)
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+@api(proto.SHOW)
+async def show(request: Request, state: State, body: dict[str, Any]) -> Response:
     name = body.get("model") or body.get("name")
     if not name:
         return _error(400, "model is required")
@@ -302,13 +317,8 @@ async def show(request: Request) -> Response:
     return JSONResponse(resp)
 
 
-async def pull(request: Request) -> Response:
-    state: State = request.app.state.emu
-    _count(state, "/api/pull")
-    try:
-        body = await _body(request, proto.PULL)
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+@api(proto.PULL)
+async def pull(request: Request, state: State, body: dict[str, Any]) -> Response:
     raw = body.get("model") or body.get("name") or ""
     key = proto.normalize_name(raw)
     if not raw.strip() or key is None:
@@ -341,15 +351,9 @@ async def pull(request: Request) -> Response:
     return StreamingResponse(_ndjson(progress()), media_type="application/x-ndjson")
 
 
-async def copy(request: Request) -> Response:
+@api(proto.COPY)
+async def copy(request: Request, state: State, body: dict[str, Any]) -> Response:
     """server/routes.go CopyHandler: the destination names the same model."""
-    state: State = request.app.state.emu
-    _count(state, "/api/copy")
-    try:
-        body = proto.decode_struct(proto.decode_body(await request.body()),
-                                   ("CopyRequest", {"source": "string", "destination": "string"}))
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
     source, dest = body.get("source") or "", body.get("destination") or ""
     model = state.find(source)
     if model is None:
@@ -362,15 +366,9 @@ async def copy(request: Request) -> Response:
     return Response(status_code=200)
 
 
-async def delete(request: Request) -> Response:
+@api(proto.DELETE)
+async def delete(request: Request, state: State, body: dict[str, Any]) -> Response:
     """server/routes.go DeleteHandler: removes that name (other names of the model stay)."""
-    state: State = request.app.state.emu
-    _count(state, "/api/delete")
-    try:
-        body = proto.decode_struct(proto.decode_body(await request.body()),
-                                   ("DeleteRequest", {"model": "string", "name": "string"}))
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
     name = body.get("model") or body.get("name") or ""
     key = proto.normalize_name(name)
     if key is None or key not in state.pulled:
@@ -483,40 +481,41 @@ def _think_on(call: Call) -> bool:
     return bool(call.think) and "thinking" in call.model.capabilities
 
 
-async def completion(request: Request) -> Response:
-    state: State = request.app.state.emu
+def _texts(chat: bool, answer: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Where an answer's text goes: its message's `content` (chat) or its `response` (generate)."""
+    if chat:
+        return answer.setdefault("message", {"role": "assistant"}), "content"
+    return answer, "response"
+
+
+def _done(chat: bool, name: str, reason: str) -> dict[str, Any]:
+    """A final answer without text (done_reason "load" or "unload")."""
+    answer: dict[str, Any] = {"model": name, "created_at": _now(), "done": True, "done_reason": reason}
+    where, key = _texts(chat, answer)
+    where[key] = ""
+    return answer
+
+
+@api()
+async def completion(request: Request, state: State, _: dict[str, Any]) -> Response:
+    """/api/generate and /api/chat (server/routes.go GenerateHandler, ChatHandler)."""
     chat = request.url.path == "/api/chat"
-    path = "/api/chat" if chat else "/api/generate"
-    _count(state, path)
     started = time.perf_counter()
-    try:
-        body = await _body(request, proto.CHAT if chat else proto.GENERATE)
-        call = _prepare(state, body, chat)
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+    call = _prepare(state, await _body(request, proto.CHAT if chat else proto.GENERATE), chat)
     if isinstance(call, Response):
         return call
     engine = state.engine
-    try:
-        options = proto.check_options(call.raw_options)  # modelOptions → FromMap: a wrong type fails here
-        call.options = options
-        placement = await _unless_disconnected(request, engine.get_runner(call.model, options, call.keep_alive_s))
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+    call.options = proto.check_options(call.raw_options)  # modelOptions → FromMap: a wrong type fails here
+    placement = await _unless_disconnected(request, engine.get_runner(call.model, call.options, call.keep_alive_s))
     if placement is None:
         return Response(status_code=499)  # the client went away while it waited (Ollama: "request canceled")
     runner = placement.runner
     try:
         empty = (not call.messages) if chat else not (call.messages[-1].get("content") or "")
         if empty:  # "load the model": an empty prompt or no messages
-            answer: dict[str, Any] = {"model": call.name, "created_at": _now(), "done": True, "done_reason": "load"}
-            if chat:
-                answer["message"] = {"role": "assistant", "content": ""}
-            else:
-                answer["response"] = ""
             engine.release(runner)
             runner = None
-            return JSONResponse(answer)
+            return JSONResponse(_done(chat, call.name, "load"))
         events = _run(state, call, placement, request.headers.get("X-Emulator-Fault"), started)
         first = await _unless_disconnected(request, events.__anext__())
     except BaseException:
@@ -547,20 +546,15 @@ async def completion(request: Request) -> Response:
         async for item in rest():
             if "error" in item:
                 return _error(item.get("status") or 500, item["error"])
-            part = item.get("message", {}) if chat else item
-            content.append(part.get("content" if chat else "response") or "")
-            thinking.append(part.get("thinking") or "")
+            where, key = _texts(chat, item)
+            content.append(where.get(key) or "")
+            thinking.append(where.get("thinking") or "")
             merged = item
-        final = dict(merged)
-        if chat:
-            final["message"] = {**final.get("message", {"role": "assistant"}), "content": "".join(content)}
-            if any(thinking):
-                final["message"]["thinking"] = "".join(thinking)
-        else:
-            final["response"] = "".join(content)
-            if any(thinking):
-                final["thinking"] = "".join(thinking)
-        return JSONResponse(final)
+        where, key = _texts(chat, merged)
+        where[key] = "".join(content)
+        if any(thinking):
+            where["thinking"] = "".join(thinking)
+        return JSONResponse(merged)
     return StreamingResponse(_ndjson(rest()), media_type="application/x-ndjson")
 
 
@@ -604,19 +598,14 @@ def _prepare(state: State, body: dict[str, Any], chat: bool) -> Call | Response:
     if model is None:
         return _error(404, f"model '{name}' not found")
     keep_alive = body.get("keep_alive")
+    messages = body.get("messages") or []
+    prompt = body.get("prompt") or ""
+    if keep_alive == 0 and not (messages if chat else prompt):  # "unload the model"
+        state.engine.expire_now(model)
+        return JSONResponse(_done(chat, name, "unload"))
     if chat:
-        messages = body.get("messages") or []
         images = [img for m in messages for img in (m.get("images") or [])]
-        if not messages and keep_alive == 0:
-            state.engine.expire_now(model)
-            return JSONResponse({"model": name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                                 "done": True, "done_reason": "unload"})
     else:
-        prompt = body.get("prompt") or ""
-        if not prompt and keep_alive == 0:
-            state.engine.expire_now(model)
-            return JSONResponse({"model": name, "created_at": _now(), "response": "", "done": True,
-                                 "done_reason": "unload"})
         if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
             return _error(400, "raw mode does not support template, system, or context")
         images = list(body.get("images") or [])
@@ -779,23 +768,13 @@ async def _run(state: State, call: Call, placement: Placement, fault_header: str
         output_tokens = think_tokens + content_tokens
         prefill_s, decode_s = engine.cost(model, prefill_tokens, output_tokens)
         with engine.lock:
-            c = engine.c(model.name)
-            c.prompt_tokens += prompt_tokens
-            c.prefill_tokens += prefill_tokens
-            c.cached_tokens += cached
-            c.cache_hits += 1 if cached > 0 else 0
-            c.image_tokens += image_total
-            c.image_tokens_cached += image_cached
             seen = engine.seen_images.setdefault(model.name, set())
-            for digest, image_tokens in sizes.values():
-                if digest not in seen:
-                    seen.add(digest)
-                    c.distinct_images += 1
-                    c.distinct_image_tokens += image_tokens
-            c.output_tokens += output_tokens
-            c.thinking_tokens += think_tokens
-            c.prefill_s += prefill_s
-            c.decode_s += decode_s
+            new_images = {digest: n for digest, n in sizes.values() if digest not in seen}
+            seen.update(new_images)
+        engine.add(model.name, prompt_tokens=prompt_tokens, prefill_tokens=prefill_tokens, cached_tokens=cached,
+                   cache_hits=1 if cached > 0 else 0, image_tokens=image_total, image_tokens_cached=image_cached,
+                   distinct_images=len(new_images), distinct_image_tokens=sum(new_images.values()),
+                   output_tokens=output_tokens, thinking_tokens=think_tokens, prefill_s=prefill_s, decode_s=decode_s)
         # prefill, then stream the tokens as they are decoded
         await engine.clock.sleep(prefill_s)
         pieces: list[tuple[str, str]] = [("thinking", thinking[i : i + 16]) for i in range(0, len(thinking), 16)]
@@ -859,14 +838,10 @@ def _image_tokens_in_prefix(units: list[Unit], cached: int) -> int:
 
 def _chunk(call: Call, field_name: str, piece: str) -> dict[str, Any]:
     chunk: dict[str, Any] = {"model": call.name, "created_at": _now(), "done": False}
-    if call.chat:
-        chunk["message"] = {"role": "assistant", "content": piece if field_name == "content" else ""}
-        if field_name == "thinking":
-            chunk["message"]["thinking"] = piece
-    else:
-        chunk["response"] = piece if field_name == "content" else ""
-        if field_name == "thinking":
-            chunk["thinking"] = piece
+    where, key = _texts(call.chat, chunk)
+    where[key] = piece if field_name == "content" else ""
+    if field_name == "thinking":
+        where["thinking"] = piece
     return chunk
 
 
@@ -917,12 +892,7 @@ async def _embed_texts(state: State, model: ModelProfile, texts: list[str], opti
                 prefill_s, _ = engine.cost(model, n, 0)
                 if engine.host.flat_latency_ms is not None:
                     prefill_s = 0.0
-                with engine.lock:
-                    c = engine.c(model.name)
-                    c.requests += 1
-                    c.prompt_tokens += n
-                    c.prefill_tokens += n
-                    c.prefill_s += prefill_s
+                engine.add(model.name, requests=1, prompt_tokens=n, prefill_tokens=n, prefill_s=prefill_s)
                 await engine.clock.sleep(prefill_s)
             finally:
                 runner.sem.release()
@@ -938,13 +908,8 @@ async def _embed_texts(state: State, model: ModelProfile, texts: list[str], opti
         engine.release(runner)
 
 
-async def embed(request: Request) -> Response:
-    state: State = request.app.state.emu
-    _count(state, "/api/embed")
-    try:
-        body = await _body(request, proto.EMBED)
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+@api(proto.EMBED)
+async def embed(request: Request, state: State, body: dict[str, Any]) -> Response:
     name = body.get("model") or ""
     if not name.strip():
         return _error(404, f"model '{name}' not found")
@@ -960,25 +925,17 @@ async def embed(request: Request) -> Response:
     model = state.find(name)
     if model is None:
         return _error(404, f'model "{name}" not found, try pulling it first')
-    try:
-        options = proto.check_options(body.get("options"))
-        vectors, tokens, load_s, seconds = await _embed_texts(state, model, texts, options, body.get("keep_alive"),
-                                                              body.get("dimensions") or 0)
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+    options = proto.check_options(body.get("options"))
+    vectors, tokens, load_s, seconds = await _embed_texts(state, model, texts, options, body.get("keep_alive"),
+                                                          body.get("dimensions") or 0)
     if not texts:
         return JSONResponse({"model": name, "embeddings": []})
     return JSONResponse({"model": name, "embeddings": vectors, "total_duration": _ns(load_s + seconds),
                          "load_duration": _ns(load_s), "prompt_eval_count": tokens})
 
 
-async def embeddings(request: Request) -> Response:
-    state: State = request.app.state.emu
-    _count(state, "/api/embeddings")
-    try:
-        body = await _body(request, proto.EMBEDDINGS)
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+@api(proto.EMBEDDINGS)
+async def embeddings(request: Request, state: State, body: dict[str, Any]) -> Response:
     name = body.get("model") or ""
     if not name.strip():
         return _error(400, "model is required")
@@ -986,12 +943,8 @@ async def embeddings(request: Request) -> Response:
     if model is None:
         return _error(404, f'model "{name}" not found, try pulling it first')
     prompt = body.get("prompt") or ""
-    try:
-        options = proto.check_options(body.get("options"))
-        vectors, _, _, _ = await _embed_texts(state, model, [prompt] if prompt else [], options,
-                                              body.get("keep_alive"))
-    except RequestError as exc:
-        return _error(exc.status, exc.message)
+    options = proto.check_options(body.get("options"))
+    vectors, _, _, _ = await _embed_texts(state, model, [prompt] if prompt else [], options, body.get("keep_alive"))
     return JSONResponse({"embedding": vectors[0] if vectors else []})
 
 
