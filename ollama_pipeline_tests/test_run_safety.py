@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,19 +193,41 @@ def _wait_for(what: str, check: Callable[[], Any], deadline_s: float = 60.0) -> 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_killed_run_is_marked_failed_by_the_next_run_which_then_completes(
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
+    """End a process started in its own session, and everything in its group (code server, run workers)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_a_killed_run_no_longer_blocks_the_queue_under_the_dagster_daemon(
         sqlite_url: str, settings_factory: Callable[..., Settings], emulator: Any, tmp_path: Path,
         dagster_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """kill -9 of `ollama-pipeline run` mid-run: its heartbeat stops, the next `run` over the same items marks
-    the orphan failed (in the pipeline's table and in Dagster) with the reason, and completes every item."""
-    from dagster import DagsterInstance, DagsterRunStatus
+    """kill -9 of `ollama-pipeline run` leaves its Dagster run STARTED; with `max_concurrent_runs: 1`, jobs then
+    queued over the same items are worked by a real `dagster-daemon`: a queued_jobs_sensor tick marks the
+    orphan failed (its heartbeat stopped) with the reason, the queued run starts and completes, every job ends
+    done and every item has its caption. Nobody marks the orphan by hand."""
+    from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from ollama_pipeline.defs.job_sensors import BATCH_TAG
 
     settings = settings_factory(sqlite_url, pipeline__heartbeat_seconds=0.2, pipeline__concurrency=1)
     pipeline = _pipeline(settings)
     ids = _add_media(pipeline.engine, settings.media_root, 12)
     config = _write_config(tmp_path / "config.yaml", settings)
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    assert yaml.safe_load((dagster_home / "dagster.yaml").read_text())["run_queue"]["max_concurrent_runs"] == 1
     emulator.set_faults(["latency:250"])
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DAGSTER_HOME": str(dagster_home)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DAGSTER_HOME": str(dagster_home),
+           "OLLAMA_PIPELINE_CONFIG": str(config), "DAGSTER_DISABLE_TELEMETRY": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ollama_pipeline.app.cli", "--config", str(config), "run",
                              "--stages", "caption"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -218,21 +241,44 @@ def test_a_killed_run_is_marked_failed_by_the_next_run_which_then_completes(
     with DagsterInstance.get() as instance:
         assert instance.get_run_by_id(orphan["run_id"]).status == DagsterRunStatus.STARTED
     emulator.set_faults([])
-    _wait_for("the heartbeat to go stale", lambda: (datetime_now() - _heartbeats(pipeline.engine)[0]["heartbeat_at"])
-              .total_seconds() > 4 * 0.2 + 0.1, deadline_s=10)
 
-    code, out, err = _cli(capsys, config, "run", "--stages", "caption")
+    code, out, err = _cli(capsys, config, "enqueue", CAPTION, f"{ids[0]}-{ids[-1]}")
     assert code == 0, err
-    assert f"run {orphan['run_id']} marked failed: no heartbeat for" in out
-    beats = {b["run_id"]: b for b in _heartbeats(pipeline.engine)}
-    assert beats[orphan["run_id"]]["status"] == "failed" and "killed or lost" in beats[orphan["run_id"]]["reason"]
-    assert [b["status"] for r, b in beats.items() if r != orphan["run_id"]] == ["ended"]
+    assert {j["status"] for j in _jobs_by(pipeline.engine).values()} == {"queued"} and len(_jobs_by(pipeline.engine)) == 12
+    assert _heartbeats(pipeline.engine)[0]["status"] == "running"  # enqueueing does not touch the orphan
+
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        # Its own session: the daemon, its code server and the run worker it launches stop together at the end.
+        daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
+                                   str(REPO_ROOT / "workspace.yaml")], cwd=REPO_ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def all_jobs_ended() -> bool:
+                assert daemon.poll() is None, log_path.read_text()[-3000:]
+                return {j["status"] for j in _jobs_by(pipeline.engine).values()} <= {"done", "failed"}
+
+            def queued_run_finished() -> list[Any]:
+                with DagsterInstance.get() as instance:
+                    runs = instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: list({
+                        j["worker"] for j in _jobs_by(pipeline.engine).values() if j["worker"]})}))
+                    return runs if runs and all(r.is_finished for r in runs) else []
+
+            # deadlines of the polls only: the daemon loads the code location, ticks, launches a run process
+            _wait_for("the queued jobs to be worked by a Dagster run", all_jobs_ended, deadline_s=300)
+            runs = _wait_for("the queued run to finish", queued_run_finished, deadline_s=120)
+        finally:
+            _stop_group(daemon)
+
+    jobs_now = _jobs_by(pipeline.engine)
+    assert {j["status"] for j in jobs_now.values()} == {"done"}, jobs_now
+    assert {m for m, r in _results(pipeline.engine, CAPTION).items() if r["status"] == "ok"} == set(ids)
+    (beat,) = [b for b in _heartbeats(pipeline.engine) if b["run_id"] == orphan["run_id"]]
+    assert beat["status"] == "failed" and "killed or lost" in beat["reason"]
     with DagsterInstance.get() as instance:
         assert instance.get_run_by_id(orphan["run_id"]).status == DagsterRunStatus.FAILURE
-    assert {m for m, r in _results(pipeline.engine, CAPTION).items() if r["status"] == "ok"} == set(ids)
-
-
-def datetime_now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).replace(tzinfo=None)
+        (failure,) = instance.all_logs(orphan["run_id"], of_type=DagsterEventType.RUN_FAILURE)
+        assert "no heartbeat for" in failure.message
+        assert [r.status for r in runs] == [DagsterRunStatus.SUCCESS] * len(runs)
+        for run in runs:  # launched through the run queue, which the orphan no longer holds
+            assert instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_ENQUEUED)
