@@ -51,6 +51,7 @@ def _library(workdir: Path, items: int) -> tuple[Path, list[int]]:
 def _settings(workdir: Path, db: Path, urls: list[str], *, slots: int, combine: bool = False) -> Any:
     data = bench_config(workdir, urls[0], concurrency=slots)
     data["database"]["url"] = f"sqlite:///{db}"
+    data["logs_dir"] = str(db.with_suffix(".logs"))  # one jobs log per run: written-once is counted per run
     data["ollama"]["timeout_ms"] = 600_000
     data["pipeline"]["combine_vision_stages"] = combine
     if len(urls) > 1:
@@ -143,6 +144,8 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
         wall = time.perf_counter() - started
         per_host = pipeline.client.host_stats()
         stats = [h.stats() if h.proc is not None and h.proc.poll() is None else None for h in hosts]
+        bound = work_bound(stats[0], info) - sum(info["models"][m]["rates"][2] for m in stats[0]["models"]
+                                                 if stats[0]["models"][m].get("requests")) if n == 1 else None
         written = Counter((o.stage, o.media_id) for o in outcomes if o.status == "written")
         log = settings.logs_dir / "ollama_jobs.jsonl"
         succeeded = Counter((e["job_type"], e["media_id"]) for e in map(json.loads, log.read_text().splitlines())
@@ -154,6 +157,8 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
     modeled_busy = [round(s["gpu_s"]["busy_s"], 1) if s else None for s in stats]
     return {"scenario": "hosts", "profile": profile, "hosts": n, "killed_one": kill_at_half, "items": len(ids),
             "stages": len(stages), "wall_s": round(wall * scale, 1),
+            "bound_s": round(bound, 1) if bound else None,  # one host, models loaded before the clock
+            "wall_to_bound": round(wall * scale / bound, 2) if bound else None,
             "item_stages_per_modeled_s": round(expected / (wall * scale), 3), "written": sum(written.values()),
             "expected": expected, "written_once": all(v == 1 for v in succeeded.values()) and len(succeeded) == expected,
             "calls_per_host": [r["ok"] for r in per_host], "failed_per_host": [r["failed"] for r in per_host],
