@@ -251,7 +251,11 @@ def test_its_jobs_rows_queued_by_sql_are_claimed_once_processed_and_end_done(
     """ollama_caption rows in LocalSupervisor's jobs table (as its enqueue writes them) end done with the
     caption visible; dedupe and per-media limit as its own code; other types are left for its worker."""
     from ollama_pipeline.core.errors import QueueLimitError
-    from ollama_pipeline.core.queue.gallery_jobs import enqueue, process_gallery_jobs
+    from ollama_pipeline.core.queue.gallery_jobs import process_gallery_jobs
+    from ollama_pipeline.core.queue.store import enqueue_ollama
+
+    def enqueue(settings: Settings, job_type: str, media_id: int, payload: dict[str, Any] | None = None) -> Any:
+        return enqueue_ollama(Pipeline.from_settings(settings), job_type, media_id, payload)
 
     settings, db, ids = ls_library
     pipeline = Pipeline.from_settings(settings)
@@ -269,7 +273,8 @@ def test_its_jobs_rows_queued_by_sql_are_claimed_once_processed_and_end_done(
                 "VALUES (?, 'ollama_title', 'queued', '2026-02-01T10:00:00+00:00', '2999-01-01T00:00:00+00:00', '{}')",
                 (ids[4],))
     con.commit()
-    assert enqueue(pipeline.engine, settings.library.jobs, "ollama_caption", ids[0]) == {"job_id": 1, "deduped": True}
+    found = enqueue(settings, "ollama_caption", ids[0])
+    assert (found.job_id, found.status) == (1, "deduplicated")
 
     outcomes = process_gallery_jobs(pipeline, limit=10)
     assert [(o.media_id, o.status) for o in outcomes] == [(m, "done") for m in ids[:3]]
@@ -283,13 +288,14 @@ def test_its_jobs_rows_queued_by_sql_are_claimed_once_processed_and_end_done(
         assert source == "ollama" and text and not text.startswith("{")
     assert process_gallery_jobs(pipeline, limit=10) == []  # nothing left it may take
 
-    new = enqueue(pipeline.engine, settings.library.jobs, "ollama_title", ids[1], {"force": True})
-    assert new["deduped"] is False
-    payload = json.loads(con.execute("SELECT payload_json FROM jobs WHERE id = ?", (new["job_id"],)).fetchone()[0])
+    new = enqueue(settings, "ollama_title", ids[1], {"force": True})
+    assert new.status == "queued"
+    payload = json.loads(con.execute("SELECT payload_json FROM jobs WHERE id = ?", (new.job_id,)).fetchone()[0])
     assert payload["mode"] == "title" and payload["media_id"] == ids[1] and payload["force"] is True
-    tight = settings.library.jobs.model_copy(update={"queue_max_per_type_default": 1})
+    tight = settings.model_copy(update={"library": settings.library.model_copy(update={
+        "jobs": settings.library.jobs.model_copy(update={"queue_max_per_type_default": 1})})})
     with pytest.raises(QueueLimitError):
-        enqueue(pipeline.engine, tight, "ollama_title", ids[2])
+        enqueue(tight, "ollama_title", ids[2])
     con.close()
 
 
@@ -339,3 +345,114 @@ def test_run_conditions_caption_only_when_missing_quality_only_while_unknown_unl
     assert snapshot(db)["prompts"] == prompts_before
     assert all("ollama.prompt_reconstruction" in _newest(db, i) for i in ids)
     con.close()
+
+
+def test_its_jobs_rows_become_dagster_runs_through_queued_jobs_sensor_and_end_done(
+        ls_library: tuple[Settings, Path, list[int]], instance: Any) -> None:
+    """ollama_caption rows queued by plain SQL in LocalSupervisor's jobs table: one tick of
+    queued_jobs_sensor (evaluated with build_sensor_context) claims them in that table and requests one
+    run; the run (executed in process as the daemon would launch it) processes them on the worker's code
+    path and writes their end state there: done, result in media_meta. Other types stay queued."""
+    from dagster import Definitions, build_sensor_context, in_process_executor
+
+    from ollama_pipeline.definitions import defs
+    from ollama_pipeline.defs.assets import all_assets
+    from ollama_pipeline.defs.job_sensors import BATCH_TAG, JOB_IDS_TAG, JOB_TYPE_TAG, queued_jobs_sensor
+    from ollama_pipeline.defs.resources import PipelineResource
+
+    settings, db, ids = ls_library
+    resource = PipelineResource.for_settings(settings)
+    init_db(resource.pipeline().engine)
+    con = sqlite3.connect(db)
+    for media_id in ids[:3]:  # as sv_enqueue_ollama_job writes them
+        con.execute("INSERT INTO jobs (media_id, prompt_id, type, status, created_at, updated_at, payload_json) "
+                    "VALUES (?, NULL, 'ollama_caption', 'queued', '2026-02-01T10:00:00+01:00', "
+                    "'2026-02-01T10:00:00+01:00', ?)",
+                    (media_id, json.dumps({"media_id": media_id, "mode": "caption",
+                                           "created_at": "2026-02-01T10:00:00+01:00"})))
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, payload_json) "
+                "VALUES (?, 'ollama_embed', 'queued', '2026-02-01T10:00:00+01:00', '{}')", (ids[0],))
+    con.commit()
+
+    def tick() -> Any:
+        with build_sensor_context(instance=instance, definitions=defs, resources={"pipeline": resource}) as context:
+            return queued_jobs_sensor(context)
+
+    result = tick()
+    (request,) = result.run_requests
+    assert request.tags[JOB_TYPE_TAG] == "ollama_caption" and request.tags[JOB_IDS_TAG] == "1,2,3"
+    claimed = con.execute("SELECT status, worker_owner, heartbeat_at FROM jobs WHERE id <= 3").fetchall()
+    assert all(s == "running" and o == f"ollama_pipeline:{request.tags[BATCH_TAG]}" and h for s, o, h in claimed)
+    assert tick().skip_reason is not None  # claimed once: a second tick takes nothing
+
+    job = Definitions(assets=all_assets, resources={"pipeline": resource},
+                      executor=in_process_executor).resolve_implicit_global_asset_job_def()
+    run = job.execute_in_process(instance=instance, asset_selection=list(request.asset_selection or []),
+                                 run_config=request.run_config, tags=dict(request.tags), raise_on_error=False)
+    assert run.success
+    rows = con.execute("SELECT type, status, last_error_code, error_message, payload_json FROM jobs "
+                       "ORDER BY id").fetchall()
+    assert [r[:4] for r in rows] == [("ollama_caption", "done", None, None)] * 3 + [("ollama_embed", "queued", None,
+                                                                                    None)]
+    assert all(json.loads(r[4])["attempts"] == 1 for r in rows[:3])
+    for media_id in ids[:3]:
+        text, source = _newest(db, media_id)["ollama.caption"]
+        assert source == "ollama" and text and not text.startswith("{")
+    assert "ollama.caption" not in _newest(db, ids[3])
+    con.close()
+
+
+def _execute_check_db(settings: Settings, instance: Any) -> Any:
+    """Execute the `media_check_db` asset check alone (as "Execute checks" in the UI does); its evaluation."""
+    from dagster import AssetCheckKey, AssetKey, AssetSelection, materialize
+
+    from ollama_pipeline.defs.assets import all_assets
+    from ollama_pipeline.defs.resources import PipelineResource
+
+    key = AssetCheckKey(AssetKey("media"), "media_check_db")
+    result = materialize(all_assets, selection=AssetSelection.checks(key), instance=instance,
+                         resources={"pipeline": PipelineResource.for_settings(settings)}, raise_on_error=False)
+    assert result.success
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.asset_check_key == key
+    return evaluation
+
+
+def test_check_db_is_an_asset_check_on_media_with_the_reports_gaps_in_its_metadata(
+        tmp_path: Path, ls_library: tuple[Settings, Path, list[int]], settings_factory: Callable[..., Settings],
+        instance: Any) -> None:
+    """media_check_db runs the check-db report when executed: it passes on a LocalSupervisor library (profile
+    in its metadata), fails on a gallery without media.path naming the gap and its fix, and fails (without
+    breaking the code location) when the database cannot be reached."""
+    import socket
+
+    from ollama_pipeline.definitions import defs
+
+    settings, _, _ = ls_library
+    ok = _execute_check_db(settings, instance)
+    assert ok.passed and ok.metadata["profile"].value == "localsupervisor"
+    assert ok.metadata["missing_required"].value == 0
+
+    broken_db = tmp_path / "no_path.sqlite"
+    con = sqlite3.connect(broken_db)
+    con.execute("CREATE TABLE media (id INTEGER PRIMARY KEY, type TEXT)")
+    con.execute("CREATE TABLE media_meta (media_id INTEGER, key TEXT, value TEXT)")
+    con.commit()
+    con.close()
+    broken = _execute_check_db(settings_factory(f"sqlite:///{broken_db}"), instance)
+    assert not broken.passed and broken.metadata["missing_required"].value >= 1
+    gaps = broken.metadata["gaps"].value
+    assert any(g["table"] == "media" and g["column"] == "path" and g["level"] == "error" and g["fix"] for g in gaps)
+
+    with socket.socket() as sock:  # a port nothing listens on: the database is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = _execute_check_db(settings_factory(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/none"), instance)
+    assert not down.passed and "OperationalError" in down.metadata["error"].value
+    assert defs.resolve_asset_graph().has(_media_key())  # the location itself loads without a database
+
+
+def _media_key() -> Any:
+    from dagster import AssetKey
+
+    return AssetKey("media")

@@ -119,7 +119,10 @@ def _cmd_gallery_jobs(args: argparse.Namespace) -> int:
     if args.action == "enqueue":
         if args.job_type is None or args.media_id is None:
             raise ValidationError("gallery-jobs enqueue needs JOB_TYPE and MEDIA_ID", code="validation.payload")
-        print(json.dumps(gallery_jobs.enqueue(pipeline.engine, settings.library.jobs, args.job_type, args.media_id)))
+        from ollama_pipeline.core.queue import store
+
+        result = store.enqueue_ollama(pipeline, args.job_type, args.media_id)
+        print(json.dumps({"job_id": result.job_id, "deduped": result.status == "deduplicated"}))
         return 0
     outcomes = gallery_jobs.process_gallery_jobs(pipeline, limit=args.limit)
     for outcome in outcomes:

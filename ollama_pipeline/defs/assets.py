@@ -60,6 +60,7 @@ from sqlalchemy import func, select
 
 from ollama_pipeline.core.backfill import SELECTION_TAG, selection_members
 from ollama_pipeline.core.db import repository
+from ollama_pipeline.core.db.gallery import require_gallery
 from ollama_pipeline.core.db.models import Media, OllamaStageResult
 from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
 from ollama_pipeline.core.images import (
@@ -75,7 +76,7 @@ from ollama_pipeline.core.queue import store as jobs
 from ollama_pipeline.core.queue.heartbeats import Heartbeat
 from ollama_pipeline.core.runner import CircuitBreaker, Pipeline, note_media_problem, run_items, run_stage
 from ollama_pipeline.core.stages.base import Stage
-from ollama_pipeline.defs.checks import check_specs_for, evaluate_checks
+from ollama_pipeline.defs.checks import check_db_result, check_db_spec, check_specs_for, evaluate_checks
 from ollama_pipeline.defs.partitions import media_partitions
 from ollama_pipeline.defs.resources import PipelineResource
 
@@ -604,7 +605,7 @@ def build_library_asset(stages: list[Stage] | None = None) -> AssetsDefinition:
     """The multi-asset that materializes `media` and every stage asset (any subset) for many partitions."""
     stages = ordered_stages() if stages is None else stages
     specs = [media_spec(), *(stage_spec(stage) for stage in stages)]
-    check_specs = [spec for stage in stages for spec in check_specs_for(stage)]
+    check_specs = [check_db_spec(), *(spec for stage in stages for spec in check_specs_for(stage))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)  # BackfillPolicy is marked beta; its behaviour is measured
         decorator = multi_asset(
@@ -615,6 +616,13 @@ def build_library_asset(stages: list[Stage] | None = None) -> AssetsDefinition:
     def ollama_library(context: AssetExecutionContext, config: StageRunConfig,
                        pipeline: PipelineResource) -> Iterator[AssetMaterialization | AssetCheckResult]:
         core = pipeline.pipeline()
+        others = set(context.selected_asset_check_keys) - {check_db_spec().key}
+        if check_db_spec().key in context.selected_asset_check_keys:  # first: it works without the database
+            yield check_db_result(lambda: core.engine)
+            if not context.selected_asset_keys and not others:
+                return
+        if context.selected_asset_keys:
+            require_gallery(core.engine)  # a gap stops the step with the check-db report, before any item
         with Heartbeat(core, context.run_id):
             yield from materialize_library(context, core, config, stages)
 

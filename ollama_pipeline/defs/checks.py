@@ -204,3 +204,47 @@ def evaluate_checks(engine: Engine, stage: Stage, selected: set[AssetCheckKey]) 
         yield schema_result(stage, answers)
     if degenerate_check_name(stage) in wanted:
         yield degenerate_result(stage, answers)
+
+
+# ---- check-db on `media` ------------------------------------------------------------------------
+
+MEDIA_ASSET = "media"
+CHECK_DB = "media_check_db"
+
+
+def check_db_spec() -> AssetCheckSpec:
+    """`ollama-pipeline check-db` as a check of the `media` asset (evaluated in the run's step, or alone)."""
+    return AssetCheckSpec(
+        name=CHECK_DB, asset=MEDIA_ASSET,
+        description="`ollama-pipeline check-db`: the gallery's tables and columns the pipeline reads and writes, "
+        "the profile or `library:` mapping in use, and every gap with the mapping line or SQL that fixes it. "
+        "Runs when the check executes (never at code-location load), so a database outage fails the check, "
+        "not the location.")
+
+
+def check_db_result(engine_of: Any) -> AssetCheckResult:
+    """The check-db report as a check result: passed when nothing required is missing; its gaps (errors and
+    warnings, each with its fix) in the metadata. A database that cannot be reached fails the check."""
+    from ollama_pipeline.core.db.gallery import gallery_for
+
+    try:
+        report = gallery_for(engine_of(), refresh=True).report
+    except Exception as exc:  # noqa: BLE001 - an outage or a bad URL is the check's finding, never a crash
+        message = " ".join(str(exc).split())[:500]
+        return AssetCheckResult(
+            check_name=CHECK_DB, asset_key=MEDIA_ASSET, passed=False, severity=AssetCheckSeverity.ERROR,
+            description=f"check-db could not read the gallery database: {type(exc).__name__}",
+            metadata={"error": MetadataValue.text(f"{type(exc).__name__}: {message}")})
+    gaps = [f.as_dict() for f in report.findings if f.level in ("error", "warning")]
+    errors = [g for g in gaps if g["level"] == "error"]
+    return AssetCheckResult(
+        check_name=CHECK_DB, asset_key=MEDIA_ASSET, passed=report.ok, severity=AssetCheckSeverity.ERROR,
+        description=(f"{len(errors)} required table(s) or column(s) missing" if errors else
+                     f"profile {report.profile}: every required table and column is there"
+                     + (f" ({len(gaps)} warning(s))" if gaps else "")),
+        metadata={"profile": report.profile, "dialect": report.dialect, "missing_required": len(errors),
+                  "gaps": MetadataValue.json(gaps),
+                  "fixes": MetadataValue.md("\n".join(f"- `{g['table']}{'.' + g['column'] if g['column'] else ''}`"
+                                                      f": {g['message']}" + (f" — fix: `{g['fix']}`" if g["fix"]
+                                                                             else "") for g in gaps) or "none"),
+                  "report": MetadataValue.md(f"```\n{report.render()}\n```")})

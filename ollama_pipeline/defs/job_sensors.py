@@ -1,7 +1,10 @@
 """The job queue in Dagster: `queued_jobs_sensor` turns queued jobs into runs, and the runs process them;
 `ollama_refresh_schedule` re-runs stale and retryable-failed items.
 
-One way to work the queue (the `process` command runs the very same code path without a Dagster daemon):
+One way to work the queue (the `process` command runs the very same code path without a Dagster daemon),
+over one table: the gallery's own job queue where it has one (LocalSupervisor's `jobs`: its types, statuses,
+`payload_json`, `not_before`, heartbeat and worker fields), the pipeline's `ollama_jobs` otherwise; the
+queue's store decides, nothing here differs:
 
 - **Claims.** A tick marks runs with a stopped heartbeat failed, asks Ollama for its health (down: skip,
   claim nothing), then claims due jobs with the queue's `claim_jobs` (PostgreSQL `FOR UPDATE SKIP LOCKED`,

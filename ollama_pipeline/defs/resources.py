@@ -244,10 +244,17 @@ class PipelineResource(ConfigurableResource):
 
     def setup_for_execution(self, context: Any) -> None:
         """At run start (never at code-location load, so a database outage does not break the location):
-        the gallery check; a missing required column fails the run with the check-db report."""
-        from ollama_pipeline.core.db.gallery import require_gallery
+        the gallery check. A missing required column is logged with the check-db report here; the step then
+        reports it as the `media_check_db` asset check and stops before touching an item."""
+        from ollama_pipeline.core.db.gallery import gallery_for
 
-        require_gallery(self.pipeline().engine)
+        try:
+            report = gallery_for(self.pipeline().engine).report
+        except Exception as exc:  # noqa: BLE001 - an outage: the step's own first query reports it
+            context.log.error(f"check-db could not read the gallery database: {type(exc).__name__}")
+            return
+        if not report.ok:
+            context.log.error("the gallery database lacks what the pipeline needs:\n" + report.render())
 
     def settings(self) -> Settings:
         """The settings this resource points at."""

@@ -312,6 +312,10 @@ def item_data(engine: Engine, media_id: int, *, jobs_limit: int = 100) -> ItemDa
         scan_list.append(row)
     order = {job_type: i for i, job_type in enumerate(STAGES)}
     stage_rows = sorted((dict(s) for s in stages), key=lambda s: (order.get(s["stage"], len(order)), s["stage"]))
+    from ollama_pipeline.core.queue.gallery_jobs import media_jobs
+
+    own_queue = media_jobs(engine, media_id, limit=jobs_limit)  # the gallery's own queue (LocalSupervisor)
+    job_rows = [dict(j) for j in jobs] if own_queue is None else [j.model_dump() for j in own_queue]
     return ItemData(media=dict(media), prompt=dict(prompt) if prompt else None, tags=[dict(t) for t in tags],
-                    scans=scan_list, meta=meta, stages=stage_rows, jobs=[dict(j) for j in jobs],
+                    scans=scan_list, meta=meta, stages=stage_rows, jobs=job_rows,
                     neighbours=(prev_id, next_id))

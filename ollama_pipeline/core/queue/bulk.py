@@ -64,7 +64,15 @@ def enqueue_selection(pipeline: Pipeline, job_types: Iterable[str], selection: M
     parsed = {t: store.validate_payload(t, payload) for t in types}
     selection.check(pipeline.engine)
     report = BulkEnqueueReport(selection=selection.text, job_types=types)
+    gallery = store._gallery(pipeline) is not None  # the gallery's own jobs table: its enqueue, job by job
     for ids in selection.iter_pages(pipeline.engine, page=page):
+        if gallery:
+            results, failure = _enqueue_one_by_one(pipeline, types, payload, ids)
+            _account(report, results, on_result)
+            if failure is not None:
+                report.error = failure.to_dict()
+                return report
+            continue
         try:
             results = _enqueue_page(pipeline, types, parsed, payload, ids)
         except QueueLimitError as exc:

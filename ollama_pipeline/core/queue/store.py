@@ -145,6 +145,14 @@ def _retries(pipeline: Pipeline) -> int:
     return pipeline.settings.database.lock_retries
 
 
+def _gallery(pipeline: Pipeline) -> Any | None:
+    """The gallery's own queue (LocalSupervisor's `jobs`, module `gallery_jobs`) when it has one, else None:
+    then every operation below works on that table, on the same code path."""
+    from ollama_pipeline.core.queue import gallery_jobs
+
+    return gallery_jobs if gallery_jobs.uses_gallery_queue(pipeline) else None
+
+
 # ---- enqueue -------------------------------------------------------------------------------------
 
 
@@ -187,6 +195,18 @@ def _check_limits(pipeline: Pipeline, conn: Connection, job_type: str, now: date
 def enqueue_ollama(pipeline: Pipeline, job_type: str, media_id: int, payload: dict[str, Any] | None = None,
                    *, run_id: str | None = None) -> EnqueueResult:
     """Queue one job (§3); an active job for the same (job_type, media_id) is returned as deduplicated."""
+    started = time.perf_counter()
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        try:
+            result: EnqueueResult = gallery.enqueue_ollama(pipeline, job_type, media_id, payload, run_id=run_id)
+        except OllamaPipelineError as exc:
+            pipeline.logs.error(exc, job_type=job_type, media_id=media_id, operation="enqueue")
+            raise
+        _log(pipeline, "enqueued" if result.status == "queued" else "deduplicated", job_id=result.job_id,
+             media_id=media_id, job_type=result.job_type, model=_model_for(pipeline, result.job_type, payload),
+             attempt=0, duration_ms=(time.perf_counter() - started) * 1000.0, queue="gallery")
+        return result
     started = time.perf_counter()
     parsed = validate_payload(job_type, payload)
     if isinstance(media_id, bool) or not isinstance(media_id, int) or media_id < 1:
@@ -271,6 +291,11 @@ def _log_expired(pipeline: Pipeline, events: list[tuple[str, Job]]) -> None:
 
 def requeue_expired(pipeline: Pipeline) -> int:
     """Put jobs of dead workers (lease ran out) back in the queue; returns how many changed."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        gallery_events = gallery.requeue_expired(pipeline)
+        _log_expired(pipeline, gallery_events)
+        return len(gallery_events)
     events = repository.with_retry(pipeline.engine, lambda conn: _expire_leases(conn, _now()),
                                    retries=_retries(pipeline), what="requeue expired leases")
     _log_expired(pipeline, events)
@@ -334,7 +359,11 @@ def claim_jobs(pipeline: Pipeline, worker: str, limit: int, job_types: Iterable[
         jobs = sorted((Job.from_row(r) for r in rows), key=lambda j: (-j.priority, j.id))
         return events, jobs
 
-    events, jobs = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="claim jobs")
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        events, jobs = gallery.claim_jobs(pipeline, worker, limit, types)
+    else:
+        events, jobs = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="claim jobs")
     _log_expired(pipeline, events)
     duration = (time.perf_counter() - started) * 1000.0
     for job in jobs:
@@ -359,8 +388,12 @@ def _claim_one(pipeline: Pipeline, job_id: int, worker: str) -> tuple[Job | None
         current = conn.execute(select(OllamaJob).where(OllamaJob.id == job_id)).mappings().first()
         return events, None, Job.from_row(current) if current is not None else None
 
-    events, claimed, current = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline),
-                                                     what=f"claim job {job_id}")
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        events, claimed, current = gallery.claim_one(pipeline, job_id, worker)
+    else:
+        events, claimed, current = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline),
+                                                         what=f"claim job {job_id}")
     _log_expired(pipeline, events)
     if claimed is None and current is None:
         raise ValidationError(f"no job with id {job_id}", code="validation.payload")
@@ -395,7 +428,12 @@ def assign_claims(pipeline: Pipeline, worker: str, assignments: dict[str, list[i
             back.extend(Job.from_row(r) for r in rows)
         return back
 
-    released = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="assign claims")
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        released = gallery.assign_claims(pipeline, worker, assignments, lease_seconds=lease_seconds,
+                                         release=released_ids)
+    else:
+        released = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="assign claims")
     for job in released:
         _log_job(pipeline, "requeued", job, reason="not_launched", worker=worker)
     return released
@@ -403,6 +441,9 @@ def assign_claims(pipeline: Pipeline, worker: str, assignments: dict[str, list[i
 
 def release_claims(pipeline: Pipeline, claimed: Iterable[Job]) -> int:
     """Put claimed jobs back in the queue untried (their attempt is not counted), fenced on the claim."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.release_claims(pipeline, claimed)
     fences = [(job.id, job.attempts) for job in claimed]
 
     def work(conn: Connection) -> int:
@@ -417,6 +458,9 @@ def release_claims(pipeline: Pipeline, claimed: Iterable[Job]) -> int:
 
 def claimed_by_worker(pipeline: Pipeline, worker: str) -> list[Job]:
     """The running jobs claimed under exactly this worker name (a Dagster run's batch), by id."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.claimed_by_worker(pipeline, worker)
     with pipeline.engine.connect() as conn:
         rows = conn.execute(select(OllamaJob).where(OllamaJob.status == "running",
                                                     OllamaJob.worker == worker[:128]).order_by(OllamaJob.id)).mappings()
@@ -425,6 +469,9 @@ def claimed_by_worker(pipeline: Pipeline, worker: str) -> list[Job]:
 
 def expire_claims(pipeline: Pipeline, worker: str) -> int:
     """End the leases of a dead worker's jobs now, so the next claim requeues them (a killed Dagster run)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.expire_claims(pipeline, worker)
 
     def work(conn: Connection) -> int:
         return conn.execute(update(OllamaJob).where(OllamaJob.status == "running", OllamaJob.worker == worker[:128])
@@ -435,6 +482,9 @@ def expire_claims(pipeline: Pipeline, worker: str) -> int:
 
 def claimed_by(pipeline: Pipeline, worker_prefix: str) -> list[Job]:
     """Running jobs whose worker name starts with worker_prefix (e.g. the claims of Dagster runs), by id."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.claimed_by(pipeline, worker_prefix)
     with pipeline.engine.connect() as conn:
         rows = conn.execute(select(OllamaJob).where(OllamaJob.status == "running",
                                                     OllamaJob.worker.startswith(worker_prefix, autoescape=True))
@@ -444,6 +494,9 @@ def claimed_by(pipeline: Pipeline, worker_prefix: str) -> list[Job]:
 
 def renew_claims(pipeline: Pipeline, jobs: Iterable[Job], lease_seconds: float) -> int:
     """Extend the leases of claimed jobs, fenced on (id, running, attempts, worker); returns how many."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.renew_claims(pipeline, jobs, lease_seconds)
     claims = [(job.id, job.attempts, job.worker) for job in jobs]
     if not claims:
         return 0
@@ -460,6 +513,47 @@ def renew_claims(pipeline: Pipeline, jobs: Iterable[Job], lease_seconds: float) 
     return repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="renew claims")
 
 
+def renew_leases(pipeline: Pipeline, running: dict[int, int], lease_seconds: float) -> None:
+    """The worker's LeaseKeeper: extend the leases of the jobs it runs (id -> claimed attempt, the fence)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        gallery.renew_leases(pipeline, running)
+        return
+
+    def work(conn: Connection) -> None:
+        until = _now() + timedelta(seconds=lease_seconds)
+        for job_id, attempt in running.items():
+            conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "running",
+                                                 OllamaJob.attempts == attempt).values(lease_until=until))
+
+    repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what="renew leases")
+
+
+def next_due(pipeline: Pipeline, job_types: list[str] | None) -> datetime | None:
+    """When the earliest queued job in backoff becomes claimable (None: no such job)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.next_due(pipeline, job_types)
+    with pipeline.engine.connect() as conn:
+        q = select(func.min(OllamaJob.lease_until)).where(OllamaJob.status == "queued",
+                                                          OllamaJob.lease_until.is_not(None))
+        if job_types is not None:
+            q = q.where(OllamaJob.job_type.in_(job_types))
+        return conn.execute(q).scalar()
+
+
+def count_queued(pipeline: Pipeline, job_types: list[str] | None) -> int:
+    """Queued jobs (of these types)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.count_queued(pipeline, job_types)
+    with pipeline.engine.connect() as conn:
+        q = select(func.count()).select_from(OllamaJob).where(OllamaJob.status == "queued")
+        if job_types is not None:
+            q = q.where(OllamaJob.job_type.in_(job_types))
+        return int(conn.execute(q).scalar() or 0)
+
+
 # ---- processing ----------------------------------------------------------------------------------
 
 
@@ -470,6 +564,9 @@ def _backoff_s(pipeline: Pipeline, attempt: int) -> float:
 
 def _finish(pipeline: Pipeline, job: Job, error: dict[str, Any] | None) -> tuple[str | None, datetime | None]:
     """Record done / queued-for-retry / failed, fenced on the claim; (new status or None if lease lost, not-before)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.finish(pipeline, job, error)
     retry = bool(error and error.get("retryable")) and job.attempts < job.max_attempts
 
     def work(conn: Connection) -> tuple[str | None, datetime | None]:
@@ -545,6 +642,9 @@ def finish_claimed(pipeline: Pipeline, job: Job, error: dict[str, Any] | None, *
 
 def get_job(pipeline: Pipeline, job_id: int) -> Job:
     """One job row (validation.payload when there is none)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.get_job(pipeline, job_id)
     with pipeline.engine.connect() as conn:
         row = conn.execute(select(OllamaJob).where(OllamaJob.id == job_id)).mappings().first()
     if row is None:
@@ -580,7 +680,9 @@ def retry_job(pipeline: Pipeline, job_id: int) -> Job:
                                   f"retried", code="validation.payload")
         return Job.from_row(row)
 
-    job = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"retry job {job_id}")
+    gallery = _gallery(pipeline)
+    job = gallery.retry_job(pipeline, job_id) if gallery is not None else \
+        repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"retry job {job_id}")
     _log_job(pipeline, "requeued", job, reason="manual_retry")
     return job
 
@@ -601,7 +703,9 @@ def cancel_job(pipeline: Pipeline, job_id: int) -> Job:
         raise ValidationError(f"job {job_id} is {current}; only queued jobs can be cancelled",
                               code="validation.payload")
 
-    job = repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"cancel job {job_id}")
+    gallery = _gallery(pipeline)
+    job = gallery.cancel_job(pipeline, job_id) if gallery is not None else \
+        repository.with_retry(pipeline.engine, work, retries=_retries(pipeline), what=f"cancel job {job_id}")
     _log_job(pipeline, "cancelled", job)
     return job
 
@@ -609,6 +713,9 @@ def cancel_job(pipeline: Pipeline, job_id: int) -> Job:
 def list_jobs(pipeline: Pipeline, status: str | None = None, job_type: str | None = None,
               media_id: int | MediaSelection | None = None, limit: int = 50) -> list[Job]:
     """The newest jobs first, filtered by status, job type and media id (or a media selection)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.list_jobs(pipeline, status, job_type, media_id, limit)
     if status is not None and status not in JOB_STATUSES:
         raise ValidationError(f"unknown job status {status!r}; known: {', '.join(JOB_STATUSES)}",
                               code="validation.payload")
@@ -627,6 +734,9 @@ def list_jobs(pipeline: Pipeline, status: str | None = None, job_type: str | Non
 
 def queue_counts(pipeline: Pipeline) -> QueueCounts:
     """Jobs per status, overall and per job type (every status present, zeros included)."""
+    gallery = _gallery(pipeline)
+    if gallery is not None:
+        return gallery.queue_counts(pipeline)
     with pipeline.engine.connect() as conn:
         rows = conn.execute(select(OllamaJob.job_type, OllamaJob.status, func.count())
                             .group_by(OllamaJob.job_type, OllamaJob.status)).all()

@@ -13,13 +13,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
-from datetime import datetime, timedelta
 
 from pydantic import ValidationError as PydanticValidationError
-from sqlalchemy import Connection, func, select, update
 
 from ollama_pipeline.core.db import repository
-from ollama_pipeline.core.db.models import OllamaJob
 from ollama_pipeline.core.errors import OllamaPipelineError, PersistenceError, ValidationError
 from ollama_pipeline.core.queue.models import Job, JobOutcome, ProcessSummary, ProgressCallback, tally_outcome
 from ollama_pipeline.core.queue.store import (
@@ -28,10 +25,12 @@ from ollama_pipeline.core.queue.store import (
     _model_for,
     _now,
     _report,
-    _retries,
     claim_jobs,
+    count_queued,
     default_worker,
+    next_due,
     release_claims,
+    renew_leases,
 )
 from ollama_pipeline.core.runner import CircuitBreaker, ItemOutcome, Pipeline, run_item, upstream_failures
 from ollama_pipeline.core.stages import get_stage
@@ -73,17 +72,8 @@ class LeaseKeeper:
             jobs = dict(self._jobs)
         if not jobs:
             return
-        lease = timedelta(seconds=self.pipeline.settings.pipeline.queue.lease_seconds)
-
-        def work(conn: Connection) -> None:
-            now = _now()
-            for job_id, attempt in jobs.items():
-                conn.execute(update(OllamaJob).where(OllamaJob.id == job_id, OllamaJob.status == "running",
-                                                     OllamaJob.attempts == attempt)
-                             .values(lease_until=now + lease))
-
         try:
-            repository.with_retry(self.pipeline.engine, work, retries=_retries(self.pipeline), what="renew leases")
+            renew_leases(self.pipeline, jobs, self.pipeline.settings.pipeline.queue.lease_seconds)
         except OllamaPipelineError as exc:  # the next renewal tries again; a lost lease is fenced at finish
             self.pipeline.logs.error(exc, operation="renew_leases", jobs=sorted(jobs))
 
@@ -156,24 +146,6 @@ def process_ollama_job(pipeline: Pipeline, job_id: int, *, worker: str | None = 
         return run_claimed(pipeline, claimed, keeper)
 
 
-def _next_due(pipeline: Pipeline, job_types: list[str] | None) -> datetime | None:
-    """When the earliest queued job in backoff becomes claimable (None: no such job)."""
-    with pipeline.engine.connect() as conn:
-        q = select(func.min(OllamaJob.lease_until)).where(OllamaJob.status == "queued",
-                                                          OllamaJob.lease_until.is_not(None))
-        if job_types is not None:
-            q = q.where(OllamaJob.job_type.in_(job_types))
-        return conn.execute(q).scalar()
-
-
-def _count_queued(pipeline: Pipeline, job_types: list[str] | None) -> int:
-    with pipeline.engine.connect() as conn:
-        q = select(func.count()).select_from(OllamaJob).where(OllamaJob.status == "queued")
-        if job_types is not None:
-            q = q.where(OllamaJob.job_type.in_(job_types))
-        return int(conn.execute(q).scalar() or 0)
-
-
 def process_jobs(pipeline: Pipeline, worker: str | None = None, *, limit: int | None = None,
                  concurrency: int | None = None, job_types: Iterable[str] | None = None,
                  progress: ProgressCallback | None = None, wait_for_retries: bool = True) -> ProcessSummary:
@@ -187,7 +159,7 @@ def process_jobs(pipeline: Pipeline, worker: str | None = None, *, limit: int | 
     types = list(job_types) if job_types is not None else None
     summary = ProcessSummary(worker=worker)
     started = time.perf_counter()
-    total = _count_queued(pipeline, types)
+    total = count_queued(pipeline, types)
     if limit is not None:
         total = min(total, limit)
     claimed_count = 0
@@ -214,7 +186,7 @@ def process_jobs(pipeline: Pipeline, worker: str | None = None, *, limit: int | 
             if not inflight:
                 if limit is not None and claimed_count >= limit:
                     break
-                due = _next_due(pipeline, types) if wait_for_retries else None
+                due = next_due(pipeline, types) if wait_for_retries else None
                 if due is None:
                     break
                 time.sleep(min(1.0, max(0.01, (due - _now()).total_seconds())))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ollama_pipeline.core.stages.base import (
     RunSkip,
