@@ -276,3 +276,46 @@ def test_the_selection_tables_migrate_up_from_0003_and_down_again(tmp_path: Path
     assert not {"ollama_backfill_selections", "ollama_backfill_items"} & tables
     assert {"ollama_jobs", "ollama_stage_results", "ollama_run_heartbeats"} <= tables
     engine.dispose()
+
+
+def test_each_clause_selects_its_items_in_sqlite_and_postgresql(
+        db_url: str, settings_factory: Callable[..., Settings], engine_for: Callable[[str], Engine]) -> None:
+    """stale (version or model), never, failed by code/channel/any, tag, quality and ids select exactly their
+    items on both databases; clauses AND together, and a run's partitions get only the stored members."""
+    from sqlalchemy import insert
+
+    from ollama_pipeline.core.backfill import selection_members
+    from ollama_pipeline.core.db.models import Media, MediaTag, Tag
+    from ollama_pipeline.core.partitioning import Partitioning
+    from ollama_pipeline.core.stages import STAGES
+
+    settings = settings_factory(db_url)
+    engine = engine_for(db_url)
+    version = STAGES[CAPTION].version
+    ok = {"stage": CAPTION, "status": "ok", "version": version, "model": NEW_MODEL, "error_channel": None,
+          "error_code": None}
+    results = {1: ok, 2: ok, 3: ok, 4: ok, 5: {**ok, "version": "caption-v0"}, 6: {**ok, "model": OLD_MODEL},
+               7: {**ok, "status": "failed", "error_channel": "network", "error_code": "network.timeout"},
+               8: {**ok, "status": "failed", "error_channel": "validation", "error_code": "validation.payload"}}
+    with engine.begin() as conn:
+        conn.execute(insert(Media), [{"id": i, "path": f"{i}.png", "type": "image",
+                                      "quality_status": "rejected" if i in (4, 9) else "ok"} for i in range(1, 11)])
+        conn.execute(insert(OllamaStageResult), [{"media_id": i, **row} for i, row in results.items()])
+        conn.execute(insert(Tag), [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])
+        conn.execute(insert(MediaTag), [{"media_id": 2, "tag_id": 1}, {"media_id": 3, "tag_id": 1},
+                                        {"media_id": 3, "tag_id": 2}])
+
+    def members(*clauses: str) -> list[int]:
+        selection = select_items(engine, settings, parse_where(clauses))
+        return selection_members(engine, selection.id or "", selection.partitions, Partitioning(1000))
+
+    assert members("stale=caption") == [5, 6]
+    assert members("never=caption") == [9, 10]
+    assert members("failed=network.timeout") == members("failed=network") == [7]
+    assert members("failed=any") == [7, 8]
+    assert members("tag=cat") == [2, 3] and members("tag=cat,dog", "tag=dog") == [3]
+    assert members("quality=rejected") == [4, 9]
+    assert members("ids=1-3,9", "never=caption") == [9]
+    selection = select_items(engine, settings, parse_where(["ids=2-8"]))
+    assert selection_members(engine, selection.id or "", ["1-5"], Partitioning(5)) == [2, 3, 4, 5]
+    assert selection_members(engine, selection.id or "", ["6-10"], Partitioning(5)) == [6, 7, 8]
