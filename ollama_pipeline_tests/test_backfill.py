@@ -81,15 +81,19 @@ class Deployment:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.base = ""
 
-    def start_webserver(self) -> str:
+    def start_webserver(self, *, wait: bool = True) -> str:
         port = _free_port()
-        log = self.tmp / "webserver.log"
-        proc = _start([str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-                      self.env, log)
-        self.procs.append(proc)
+        self.web_log = self.tmp / "webserver.log"
+        self.web = _start([str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p",
+                           str(port)], self.env, self.web_log)
+        self.procs.append(self.web)
         self.base = f"http://127.0.0.1:{port}"
-        _wait_for_media_asset(self.base, proc, log)
+        if wait:
+            self.wait_for_webserver()
         return self.base
+
+    def wait_for_webserver(self) -> None:
+        _wait_for_media_asset(self.base, self.web, self.web_log)
 
     def start_daemon(self) -> None:
         self.procs.append(_start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], self.env,
@@ -139,6 +143,8 @@ def test_a_stale_subset_backfill_runs_only_those_items(
     through the webserver's GraphQL API, the daemon runs it, and the emulator sees exactly 3 model calls."""
     settings, engine, ids = library
     assert settings.ollama.vision_model == NEW_MODEL
+    base = deployment.start_webserver(wait=False)  # both load the code location while the items are captioned
+    deployment.start_daemon()
     old, fresh = ids[:3], ids[3:]
     _materialize(settings_factory(sqlite_url, ollama__vision_model=OLD_MODEL), old, deployment.home)
     _materialize(settings, fresh, deployment.home)
@@ -147,8 +153,7 @@ def test_a_stale_subset_backfill_runs_only_those_items(
     dry = run_backfill(settings, ["stale=caption"], dry_run=True, echo=lambda _: None)
     assert dry["items"] == 3 and dry["selection_id"] is None
 
-    base = deployment.start_webserver()
-    deployment.start_daemon()
+    deployment.wait_for_webserver()
     emulator.reset_stats()
     printed: list[str] = []
     summary = run_backfill(settings, ["stale=caption"], webserver=base, echo=printed.append)
