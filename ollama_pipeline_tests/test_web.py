@@ -9,6 +9,7 @@ forged POSTs, the token rule, and a gallery page that stays fast at 100,000 rows
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -409,6 +410,63 @@ def test_thumbnail_is_a_small_cached_jpeg(client: TestClient, library: WebLibrar
     assert {p: p.stat().st_mtime_ns for p in cached} == before
     preview = client.get(f"/image/{media_id}")
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
+
+
+def _media_client(tmp_path: Path, rows: list[tuple[str, str]]) -> tuple[TestClient, list[int], Settings]:
+    """A web UI over a fresh library holding just these (path, media.type) rows; no stage has run."""
+    settings = make_settings(db_url=f"sqlite:///{tmp_path / 'library.db'}", media_root=tmp_path / "media",
+                             logs_dir=tmp_path / "LOGS", base_url="http://127.0.0.1:9")
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    with pipeline.engine.begin() as conn:
+        ids = [int(conn.execute(insert(Media).values(path=path, type=kind).returning(Media.id)).scalar_one())
+               for path, kind in rows]
+    return TestClient(create_app(settings, pipeline=pipeline), base_url=BASE), ids, settings
+
+
+def test_thumbnails_open_only_the_image_formats_the_pipeline_reads(tmp_path: Path) -> None:
+    """A PCX, a PPM and an EPS file (Pillow knows them; EPS would start Ghostscript) get no thumbnail and no
+    preview, and nothing is cached for them; a PNG beside them does (core.images.IMAGE_FORMATS)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    picture = Image.new("RGB", (64, 48), (30, 160, 40))
+    for name, fmt in (("ok.png", "PNG"), ("paint.pcx", "PCX"), ("raw.ppm", "PPM"), ("drawing.eps", "EPS")):
+        picture.save(media / name, fmt)
+    client, (png, *others), settings = _media_client(
+        tmp_path, [("ok.png", "image"), ("paint.pcx", "image"), ("raw.ppm", "image"), ("drawing.eps", "image")])
+    with client:
+        assert client.get(f"/thumb/{png}").headers["content-type"] == "image/jpeg"
+        cache = settings.logs_dir.parent / ".thumbs"
+        made = set(cache.rglob("*.jpg"))
+        for media_id in others:
+            for kind in ("thumb", "image"):
+                r = client.get(f"/{kind}/{media_id}")
+                assert (r.status_code, r.headers["content-type"].split(";")[0]) == (404, "text/plain"), media_id
+        assert set(cache.rglob("*.jpg")) == made
+
+
+def test_a_video_item_gets_its_representative_frame_as_thumbnail_and_preview(tmp_path: Path) -> None:
+    """/thumb and /image of a video item are JPEGs of the frame the pipeline sends to the model (the middle
+    one, passing over black frames), for media.type video and for an untyped row named .mp4."""
+    from ollama_pipeline.core.images import video_frame
+    from ollama_pipeline_tests.test_media import make_video
+
+    clip = make_video(tmp_path / "media" / "clips" / "walk.mp4", frames=30)
+    make_video(tmp_path / "media" / "clips" / "faded.mp4", frames=40, black=range(10, 30))
+    client, (typed, untyped), _ = _media_client(tmp_path, [("clips/walk.mp4", "video"), ("clips/faded.mp4", "")])
+    expected = video_frame(clip, "clip")[0].getpixel((32, 24))
+    with client:
+        for media_id in (typed, untyped):
+            for kind, side in (("thumb", 256), ("image", 1280)):
+                r = client.get(f"/{kind}/{media_id}")
+                assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", (media_id, kind)
+                img = Image.open(io.BytesIO(r.content))
+                assert img.format == "JPEG" and img.size == (64, 48) and max(img.size) <= side
+                red = img.convert("RGB").getpixel((32, 24))[0]
+                if media_id == typed:
+                    assert abs(red - expected[0]) <= 12  # the middle frame (JPEG is lossy)
+                else:
+                    assert red > 40  # a frame after the fade, not a black one
 
 
 # ---- actions -------------------------------------------------------------------------------------

@@ -205,11 +205,12 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         return _export(media_id)
 
     def _jpeg(media_id: int, side: int) -> Response:
-        path = queries.media_path(state.engine, media_id) if 0 <= media_id <= MAX_ID else None
-        if path is None:
+        row = queries.media_row(state.engine, media_id) if 0 <= media_id <= MAX_ID else None
+        if row is None or row.get("path") is None:
             return Response(NOT_AVAILABLE, status_code=404, media_type="text/plain")
-        try:
-            file = thumbs.scaled_jpeg(state.settings.media_root, path, state.thumb_dir, side)
+        try:  # a video item shows its representative frame
+            file = thumbs.scaled_jpeg(state.settings.media_root, row["path"], state.thumb_dir, side,
+                                      media_type=row.get("type"))
         except ValidationError as exc:
             status = 400 if exc.code == "validation.path_outside_root" else 404
             return Response(NOT_AVAILABLE, status_code=status, media_type="text/plain")

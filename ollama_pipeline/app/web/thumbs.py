@@ -1,4 +1,4 @@
-"""Thumbnails and previews for the web UI, made with Pillow on a bounded pool and cached on disk.
+"""Thumbnails and previews for the web UI, made with Pillow (videos: PyAV) on a bounded pool, cached on disk.
 
 The source file is found only through `images.resolve_media_path`, so a `media.path` that escapes the
 media root (``..``, an absolute path, a symlink pointing out) is refused before anything is read. The
@@ -7,9 +7,15 @@ written to a temporary name and renamed, so concurrent requests never serve half
 
 Memory is bounded, whatever the number of requests:
 
+* Only the formats the pipeline itself reads are opened (`core.images.IMAGE_FORMATS`: PNG, JPEG, WebP, GIF,
+  TIFF, BMP, AVIF, HEIF), so a file in any other format Pillow knows (EPS would start Ghostscript) is refused
+  with `validation.unsupported_media_type` before a decoder runs.
 * The file is opened lazily from disk (never read into memory whole). A JPEG is decoded at a reduced size
   (`Image.draft`: the DCT decoder scales by 1/2..1/8 on the fly); other formats are decoded once, then
   shrunk with `Image.reduce` (box filter by an integer factor, cheap) before the final LANCZOS resize.
+* A video item's picture is the representative frame the pipeline sends to the model
+  (`core.images.video_frame`, PyAV: the middle frame, passing over black ones); FFmpeg reads the file in
+  packets, so only a few decoded frames are in memory, counted against the same budget.
 * Renders run on one pool of `RENDER_WORKERS` threads, and all renders together decode at most
   `DECODE_BUDGET_BYTES` of pixels at a time (an image larger than the budget is decoded alone).
 * Concurrent requests for the same thumbnail wait for one render instead of starting their own.
@@ -34,13 +40,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.errors import ValidationError
-from ollama_pipeline.core.images import MAX_SOURCE_PIXELS, resolve_media_path
+from ollama_pipeline.core.images import (
+    IMAGE_FORMATS,
+    MAX_SOURCE_PIXELS,
+    media_kind,
+    resolve_media_path,
+    unsupported,
+    video_frame,
+)
 
 THUMB_SIDE = 256
 PREVIEW_SIDE = 1280
 MAX_SOURCE_BYTES = 200_000_000
 RENDER_WORKERS = 2
 DECODE_BUDGET_BYTES = 160_000_000
+# A video frame in the decoder (YUV 4:2:0 plus its reference frames) and as the RGB picture, per pixel.
+VIDEO_BYTES_PER_PIXEL = 8
 # Raster types a browser shows and that carry no script; anything else is not sent as an original.
 ORIGINAL_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/avif"})
 
@@ -102,7 +117,7 @@ def _decode_scaled(path: Path, side: int, budget: _Budget) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
                 if img.width * img.height > MAX_SOURCE_PIXELS:
                     raise ValidationError(f"{label} has {img.width}x{img.height} pixels, more than allowed",
                                           code="validation.image_too_large")
@@ -116,10 +131,41 @@ def _decode_scaled(path: Path, side: int, budget: _Budget) -> Image.Image:
             small = ImageOps.exif_transpose(small)
     except ValidationError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        raise unsupported(label, "not an image format the pipeline reads (PNG, JPEG, WebP, GIF, TIFF, BMP, AVIF, "
+                          "HEIC) or a broken file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValidationError(f"{label} cannot be decoded as an image: {type(exc).__name__}",
                               code="validation.image_corrupt") from None
+    return _fit(small, side)
+
+
+def _video_pixels(path: Path) -> int | None:
+    """Pixels of a video's first video stream, read from the container's headers (None: unreadable)."""
+    import av  # slow to import; only video items need it
+
+    try:
+        with av.open(str(path), mode="r") as container:
+            streams = container.streams.video
+            return int(streams[0].width * streams[0].height) if streams else 0
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None  # video_frame reports it with a typed error
+
+
+def _decode_video_frame(path: Path, side: int, budget: _Budget) -> Image.Image:
+    """The representative frame of a video (the one the pipeline sends), at most `side` px."""
+    pixels = _video_pixels(path)
+    # an unreadable header takes the whole budget: decoded alone, whatever it turns out to be
+    with budget.take(budget.total if pixels is None else pixels * VIDEO_BYTES_PER_PIXEL):
+        frame, _ = video_frame(path, f"media file {path.name!r}")
+        factor = max(1, min(frame.width, frame.height) // side)
+        small = frame.reduce(factor) if factor > 1 else frame
+        del frame
+    return _fit(small, side)
+
+
+def _fit(small: Image.Image, side: int) -> Image.Image:
+    """RGB on white, at most `side` px on the longer edge."""
     if small.mode != "RGB":
         background = Image.new("RGB", small.size, (255, 255, 255))
         rgba = small.convert("RGBA")
@@ -138,14 +184,17 @@ class Renderer:
         self._inflight: dict[Path, Future[Path]] = {}
         self._lock = threading.Lock()
 
-    def _render(self, path: Path, side: int, target: Path) -> Path:
+    def _render(self, path: Path, side: int, target: Path, kind: str) -> Path:
         try:
             if target.is_file():
                 return target
-            if path.stat().st_size > MAX_SOURCE_BYTES:
+            if kind == "video":  # FFmpeg reads packets as it goes: the file's size does not matter
+                img = _decode_video_frame(path, side, self._budget)
+            elif path.stat().st_size > MAX_SOURCE_BYTES:
                 raise ValidationError(f"media file {path.name!r} is too large to preview",
                                       code="validation.image_too_large")
-            img = _decode_scaled(path, side, self._budget)
+            else:
+                img = _decode_scaled(path, side, self._budget)
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
             try:
@@ -160,8 +209,12 @@ class Renderer:
             with self._lock:
                 self._inflight.pop(target, None)
 
-    def scaled_jpeg(self, media_root: Path, media_path: str, cache_dir: Path, side: int = THUMB_SIDE) -> Path:
-        """A cached JPEG of the media file, at most `side` pixels on its longer edge; made when missing."""
+    def scaled_jpeg(self, media_root: Path, media_path: str, cache_dir: Path, side: int = THUMB_SIDE, *,
+                    media_type: str | None = None) -> Path:
+        """A cached JPEG of the media file (a video: its representative frame), at most `side` pixels on its
+        longer edge; made when missing. `media_type` is `media.type` (empty: told by the file name); anything
+        but a video is opened as an image of one of the formats the pipeline reads."""
+        kind = "video" if media_kind(media_type, media_path) == "video" else "image"
         path = source_file(media_root, media_path)
         name = _cache_name(path, side)
         target = cache_dir / name[:2] / f"{name}.jpg"
@@ -170,7 +223,7 @@ class Renderer:
         with self._lock:
             future = self._inflight.get(target)
             if future is None:
-                future = self._pool.submit(self._render, path, side, target)
+                future = self._pool.submit(self._render, path, side, target, kind)
                 self._inflight[target] = future
         return future.result()
 
@@ -182,10 +235,11 @@ _DEFAULT: Renderer | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
-def scaled_jpeg(media_root: Path, media_path: str, cache_dir: Path, side: int = THUMB_SIDE) -> Path:
+def scaled_jpeg(media_root: Path, media_path: str, cache_dir: Path, side: int = THUMB_SIDE, *,
+                media_type: str | None = None) -> Path:
     """`Renderer.scaled_jpeg` on the process's one shared pool."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
             _DEFAULT = Renderer()
-    return _DEFAULT.scaled_jpeg(media_root, media_path, cache_dir, side)
+    return _DEFAULT.scaled_jpeg(media_root, media_path, cache_dir, side, media_type=media_type)
