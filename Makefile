@@ -11,7 +11,9 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 COMPAT_LOW := dagster==1.13.0 dagster-webserver==1.13.0 dagster-postgres==0.29.0
 COMPAT_HIGH := dagster==1.13.27 dagster-webserver==1.13.27 dagster-postgres==0.29.27
 COMPAT_TESTS := ollama_pipeline_tests/test_dagster_defs.py ollama_pipeline_tests/test_dagster_jobs.py \
-  ollama_pipeline_tests/test_run_safety.py ollama_pipeline_tests/test_layers.py ollama_pipeline_tests/test_downstream.py
+  ollama_pipeline_tests/test_run_safety.py ollama_pipeline_tests/test_layers.py ollama_pipeline_tests/test_downstream.py \
+  ollama_pipeline_tests/test_dagster_resources.py ollama_pipeline_tests/test_dagster_webserver.py \
+  ollama_pipeline_tests/test_dagster_foreign_instance.py
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,7 +75,10 @@ clean:
 	touch $@
 
 test-compat: .venv-compat-low/.installed .venv-compat-high/.installed $(DAGSTER_HOME)/dagster.yaml
-	@for end in low high; do \
+	@failed=""; for end in low high; do \
 	  echo "== $$end: $$(.venv-compat-$$end/bin/python -c 'import dagster, dagster_webserver, dagster_postgres as p; print("dagster", dagster.__version__, "webserver", dagster_webserver.__version__, "postgres", p.__version__)')"; \
-	  .venv-compat-$$end/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
-	done
+	  started=$$(date +%s); \
+	  .venv-compat-$$end/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_PYTEST_ARGS) $(COMPAT_TESTS) || failed="$$failed $$end"; \
+	  echo "== $$end: $$(( $$(date +%s) - started )) s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-compat FAILED on:$$failed"; exit 1; else echo "test-compat passed on both ends"; fi
