@@ -206,20 +206,36 @@ def test_failed_with_code_selects_exactly_the_items_that_failed_with_it(
     assert select_items(engine, settings, parse_where([f"failed=caption:{code}"]), dry_run=True).items == len(expected)
 
 
-@pytest.mark.parametrize("clause", ["stale=nosuchstage", "colour=red", "failed=", "quality=great", "ids=1-x",
-                                    "ids=all", "never", "failed=Network Timeout"])
-def test_a_bad_where_clause_exits_2_with_one_line_and_stores_nothing(
+@pytest.mark.parametrize("args", [
+    ["--where", "stale=nosuchstage"], ["--where", "colour=red"], ["--where", "failed="], ["--where", "quality=great"],
+    ["--where", "ids=1-x"], ["--where", "ids=all"], ["--where", "never"], ["--where", "failed=Network Timeout"],
+    [], ["--where", "ids=1", "--stages", "nosuchstage"], ["--where", "ids=1", "--webserver", "localhost:3000"],
+    ["--where", "ids=1", "--daemon"], ["--where", "ids=1", "--wait", "-3"]])
+def test_a_bad_where_clause_or_option_exits_2_with_one_line_and_stores_nothing(
         library: tuple[Settings, Engine, list[int]], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        clause: str) -> None:
-    """Every malformed clause is a typed one-line error with exit code 2; no selection is stored."""
+        args: list[str]) -> None:
+    """Every malformed clause or option is a typed one-line error with exit code 2; no selection is stored."""
     settings, engine, _ = library
     config = _write_config(tmp_path / "config.yaml", settings)
-    assert main(["--config", str(config), "backfill", "--where", clause]) == 2
+    assert main(["--config", str(config), "backfill", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error [validation/validation."), err
     assert "Traceback" not in err[0]
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(OllamaBackfillSelection)).scalar() == 0
+
+
+def test_an_unreachable_webserver_is_a_network_error_and_leaves_no_selection(
+        library: tuple[Settings, Engine, list[int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A webserver that does not answer: one line `network.dagster`, exit 2, the stored selection removed."""
+    settings, engine, _ = library
+    config = _write_config(tmp_path / "config.yaml", settings)
+    assert main(["--config", str(config), "backfill", "--where", "ids=1-3", "--webserver",
+                 f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert capsys.readouterr().err.startswith("error [network/network.dagster]: Dagster webserver")
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(OllamaBackfillSelection)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(OllamaBackfillItem)).scalar() == 0
 
 
 def test_the_gallery_button_launches_a_cancellable_backfill_for_its_filter(

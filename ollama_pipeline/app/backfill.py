@@ -231,6 +231,17 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 # ---- the command ----------------------------------------------------------------------------------------
 
 
+def webserver_url(text: str) -> str:
+    """A dagster-webserver base URL (http or https, with a host); a ValidationError otherwise."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValidationError(f"--webserver {text!r} is not a URL such as http://127.0.0.1:3000",
+                              code="validation.payload")
+    return text.strip().rstrip("/")
+
+
 def backfill_link(settings: Settings, backfill_id: str, webserver: str | None) -> str:
     return f"{(webserver or settings.pipeline.dagster_ui_url).rstrip('/')}/runs/b/{backfill_id}"
 
@@ -285,6 +296,11 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.wait is not None and args.wait <= 0:
         raise ValidationError(f"--wait must be a positive number of seconds, got {args.wait}", code="validation.payload")
+    if args.daemon and args.wait is None:
+        raise ValidationError("--daemon runs a Dagster daemon only while waiting: give --wait SECONDS too",
+                              code="validation.payload")
+    if args.webserver is not None:
+        args.webserver = webserver_url(args.webserver)
     summary = run_backfill(settings, args.where, stages=args.stages, dry_run=args.dry_run, webserver=args.webserver)
     if args.json:
         print(json.dumps(summary))
