@@ -212,11 +212,11 @@ def test_an_answer_repeating_a_planted_instruction_is_refused_with_its_tags() ->
 
 def test_sixteen_concurrent_previews_of_an_8000px_image_keep_the_web_process_small(tmp_path: Path) -> None:
     """16 concurrent /image and /thumb GETs of an 8000 x 8000 PNG: the uvicorn process's peak RSS (VmHWM
-    from /proc) stays under a generous 700 MB (the benchmark's target is 400 MB; unbounded it took GBs)."""
+    from /proc) stays under 400 MB (the benchmark measured 240 MB; decoded whole 420 MB, unbounded GBs)."""
     config, ids = web_memory.make_library(tmp_path, (("big", 8000, "PNG"),))
     result = web_memory.measure_source(config, ids["big"], requests=16)
     assert result["status_codes"] == [200]
-    assert result["peak_rss_mb"] < 700, result
+    assert result["peak_rss_mb"] < 400, result
     cached = sorted((tmp_path / ".thumbs").rglob("*.jpg"))
     assert len(cached) == 2  # one render per size, however many requests asked
     for path in cached:

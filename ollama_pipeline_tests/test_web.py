@@ -445,6 +445,32 @@ def test_thumbnails_open_only_the_image_formats_the_pipeline_reads(tmp_path: Pat
         assert set(cache.rglob("*.jpg")) == made
 
 
+def test_a_large_png_is_shrunk_as_a_stream_with_its_orientation_and_a_broken_one_is_refused(tmp_path: Path) -> None:
+    """A 20-megapixel PNG (above STREAM_PNG_PIXELS, shrunk by libvips row by row) keeps its colour and its
+    EXIF orientation in /thumb; a truncated one answers 404 and leaves nothing in the cache."""
+    from ollama_pipeline.app.web.thumbs import STREAM_PNG_PIXELS
+
+    media = tmp_path / "media"
+    media.mkdir()
+    picture = Image.new("RGB", (5000, 4000), (200, 30, 30))
+    assert picture.width * picture.height > STREAM_PNG_PIXELS
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to show
+    picture.save(media / "wide.png", exif=exif.tobytes(), compress_level=1)
+    whole = (media / "wide.png").read_bytes()
+    (media / "broken.png").write_bytes(whole[: len(whole) // 2])
+    client, (wide, broken), settings = _media_client(tmp_path, [("wide.png", "image"), ("broken.png", "image")])
+    with client:
+        r = client.get(f"/thumb/{wide}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        thumb = Image.open(io.BytesIO(r.content)).convert("RGB")
+        assert thumb.size == (205, 256)  # portrait, as the orientation says
+        assert all(abs(a - b) <= 8 for a, b in zip(thumb.getpixel((100, 128)), (200, 30, 30), strict=True))
+        made = set((settings.logs_dir.parent / ".thumbs").rglob("*.jpg"))
+        assert client.get(f"/thumb/{broken}").status_code == 404
+        assert set((settings.logs_dir.parent / ".thumbs").rglob("*.jpg")) == made
+
+
 def test_a_video_item_gets_its_representative_frame_as_thumbnail_and_preview(tmp_path: Path) -> None:
     """/thumb and /image of a video item are JPEGs of the frame the pipeline sends to the model (the middle
     one, passing over black frames), for media.type video and for an untyped row named .mp4."""

@@ -13,6 +13,11 @@ Memory is bounded, whatever the number of requests:
 * The file is opened lazily from disk (never read into memory whole). A JPEG is decoded at a reduced size
   (`Image.draft`: the DCT decoder scales by 1/2..1/8 on the fly); other formats are decoded once, then
   shrunk with `Image.reduce` (box filter by an integer factor, cheap) before the final LANCZOS resize.
+* A large PNG (above `STREAM_PNG_PIXELS`; Pillow can only decode a PNG whole, 4 bytes per pixel: 256 MB at
+  8000 x 8000) is shrunk by libvips (pyvips) in sequential mode: rows are decoded and reduced as a stream,
+  so a few strips are in memory, not the image. Only `pngload` is called, on a file Pillow already
+  identified as PNG (libvips's other loaders, SVG among them, are never reached). An interlaced PNG cannot
+  be streamed and takes its full size from the budget.
 * A video item's picture is the representative frame the pipeline sends to the model
   (`core.images.video_frame`, PyAV: the middle frame, passing over black ones); FFmpeg reads the file in
   packets, so only a few decoded frames are in memory, counted against the same budget.
@@ -54,6 +59,9 @@ PREVIEW_SIDE = 1280
 MAX_SOURCE_BYTES = 200_000_000
 RENDER_WORKERS = 2
 DECODE_BUDGET_BYTES = 160_000_000
+# PNGs above this many pixels are shrunk as a stream by libvips instead of decoded whole by Pillow.
+STREAM_PNG_PIXELS = 16_000_000
+STREAM_ROWS = 256  # what the budget is charged per streamed PNG: about this many rows of RGBA
 # A video frame in the decoder (YUV 4:2:0 plus its reference frames) and as the RGB picture, per pixel.
 VIDEO_BYTES_PER_PIXEL = 8
 # Raster types a browser shows and that carry no script; anything else is not sent as an original.
@@ -123,6 +131,12 @@ def _decode_scaled(path: Path, side: int, budget: _Budget) -> Image.Image:
                                           code="validation.image_too_large")
                 if img.format == "JPEG":
                     img.draft("RGB", (side, side))  # decode at 1/2, 1/4 or 1/8 scale, still >= side
+                if img.format == "PNG" and img.width * img.height > STREAM_PNG_PIXELS:
+                    interlaced = bool(img.info.get("interlace"))
+                    cost = img.width * img.height * 4 if interlaced else img.width * STREAM_ROWS * 4
+                    with budget.take(cost):  # (not img.getexif(): for a PNG it decodes the whole image)
+                        small = _png_streamed(path, side)
+                    return _fit(ImageOps.exif_transpose(small), side)
                 # Pillow keeps 1 byte per pixel for L/P images and 4 for RGB, RGBA, CMYK (and 2-4 for 16-bit).
                 with budget.take(img.width * img.height * (1 if img.mode in ("1", "L", "P") else 4)):
                     img.load()
@@ -138,6 +152,29 @@ def _decode_scaled(path: Path, side: int, budget: _Budget) -> Image.Image:
         raise ValidationError(f"{label} cannot be decoded as an image: {type(exc).__name__}",
                               code="validation.image_corrupt") from None
     return _fit(small, side)
+
+
+def _png_streamed(path: Path, side: int) -> Image.Image:
+    """A PNG at most `side` px, shrunk by libvips as it decodes the rows (sequential access)."""
+    import pyvips  # libvips from the pyvips-binary wheel; imported on the first large PNG only
+
+    pyvips.cache_set_max(0)  # nothing of one render is kept for the next
+    try:
+        src = pyvips.Image.pngload(str(path), access="sequential", fail_on="error")
+        scale = min(1.0, side / max(src.width, src.height))
+        small = src.resize(scale, kernel="lanczos3") if scale < 1.0 else src
+        if small.format != "uchar":  # 16-bit PNG
+            small = small.colourspace("srgb" if small.bands >= 3 else "b-w").cast("uchar")
+        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[small.bands]
+        picture = Image.frombytes(mode, (small.width, small.height), small.write_to_memory())
+        if src.get_typeof("orientation"):  # libvips reads the EXIF orientation of an eXIf chunk
+            exif = Image.Exif()
+            exif[0x0112] = int(src.get("orientation"))
+            picture.info["exif"] = exif.tobytes()  # ImageOps.exif_transpose applies it
+        return picture
+    except pyvips.Error as exc:
+        raise ValidationError(f"media file {path.name!r} cannot be decoded as an image: {type(exc).__name__}",
+                              code="validation.image_corrupt") from None
 
 
 def _video_pixels(path: Path) -> int | None:
