@@ -221,3 +221,24 @@ def test_toggling_combine_reruns_once_and_one_stages_change_reruns_only_that_sta
     emulator.reset_stats()
     assert "skipped" not in {o.status for o in run_stages(with_(max_tags=3), VISION, ids)}
     assert emulator.stats()["model_calls"] == len(VISION) * len(ids)
+
+
+def test_a_dagster_run_item_by_item_stops_on_its_circuit_breaker_and_leaves_the_rest_untouched(
+        library, emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every call answers 500 in a run of two vision stages item by item: the run stops after
+    pipeline.circuit_breaker failures in a row (exit 1, STOPPED), and items never tried have no result."""
+    settings, engine, ids = library
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    settings = settings.model_copy(update={"pipeline": settings.pipeline.model_copy(
+        update={"circuit_breaker": 2, "concurrency": 1})})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")), encoding="utf-8")
+    emulator.set_faults(["http_500"])
+    code = cli_main(["--config", str(config), "run", "--stages", "caption,quality"])
+    out = capsys.readouterr().out
+    assert code == 1 and "STOPPED" in out and "circuit breaker" in out
+    stored = _stored(settings, ["ollama_caption", "ollama_quality"])
+    assert 2 <= len(stored) < 2 * len(ids) and {r["status"] for r in stored.values()} == {"failed"}
+    tried = {media_id for _, media_id in stored}
+    assert len(tried) < len(ids)  # the rest untouched: no stage result at all
