@@ -132,6 +132,7 @@ ERROR_CODES: dict[str, tuple[str, bool, str]] = {
     "network.busy": ("network", True, "Ollama answered 503: too many pending requests."),
     "network.stream_error": ("network", True, "Ollama reported an error in the middle of a stream."),
     "network.unavailable": ("network", True, "`run` asked Ollama for its health before the first model call and got no answer: nothing was started."),
+    "network.dagster": ("network", True, "The Dagster webserver or its GraphQL command could not be reached to launch a backfill; no selection was kept."),
     "network.circuit_open": ("network", True, "A run stopped after pipeline.circuit_breaker model calls in a row failed with network errors; items it had not tried are untouched."),
     "invalid_response_format.not_json": ("invalid_response_format", False, "The answer is prose, not JSON."),
     "invalid_response_format.code_fence": ("invalid_response_format", False, "The JSON is wrapped in a Markdown code fence."),
