@@ -4,16 +4,16 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install browser jsclient demo test lint bench ui screenshots clean test-compat
+.PHONY: install browser jsclient demo test lint bench ui screenshots clean test-compat cluster-demo
 
 # The Dagster-facing tests on the lowest and the highest release of the supported range, each in its own
 # virtual environment (not part of `make test`). The sets are the matching dagster/webserver/postgres releases.
-COMPAT_LOW := dagster==1.13.0 dagster-webserver==1.13.0 dagster-postgres==0.29.0
-COMPAT_HIGH := dagster==1.13.27 dagster-webserver==1.13.27 dagster-postgres==0.29.27
+COMPAT_LOW := dagster==1.13.0 dagster-webserver==1.13.0 dagster-postgres==0.29.0 dagster-celery==0.29.0
+COMPAT_HIGH := dagster==1.13.27 dagster-webserver==1.13.27 dagster-postgres==0.29.27 dagster-celery==0.29.27
 COMPAT_TESTS := ollama_pipeline_tests/test_dagster_defs.py ollama_pipeline_tests/test_dagster_jobs.py \
   ollama_pipeline_tests/test_run_safety.py ollama_pipeline_tests/test_layers.py ollama_pipeline_tests/test_downstream.py \
   ollama_pipeline_tests/test_dagster_resources.py ollama_pipeline_tests/test_dagster_webserver.py \
-  ollama_pipeline_tests/test_dagster_foreign_instance.py
+  ollama_pipeline_tests/test_dagster_foreign_instance.py ollama_pipeline_tests/test_cluster_demo.py
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,7 +66,7 @@ screenshots: install browser
 	cd test-artifacts && cp $(SCREENSHOTS) ../docs/screenshots/
 
 clean:
-	rm -rf demo .dagster_home bench_results exports test-artifacts .node LOGS/*.jsonl
+	rm -rf demo .dagster_home bench_results exports test-artifacts .node cluster_demo LOGS/*.jsonl
 
 .venv-compat-%/.installed: pyproject.toml
 	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*
@@ -82,3 +82,10 @@ test-compat: .venv-compat-low/.installed .venv-compat-high/.installed $(DAGSTER_
 	  echo "== $$end: $$(( $$(date +%s) - started )) s"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "test-compat FAILED on:$$failed"; exit 1; else echo "test-compat passed on both ends"; fi
+# Several machines on one: Dagster (PostgreSQL instance, queued runs, dagster-daemon) with dagster-celery's
+# run launcher, 2 Celery workers over RabbitMQ (127.0.0.1:5672, guest/guest), 2 emulated Ollama hosts with
+# 2 slots each held across workers by the PostgreSQL limiter; one run per block of a generated library.
+# Prints the report (exactly once per item and stage, most calls at once per host); stops and drops all.
+# CLUSTER_ARGS="--items 48 --partition-size 4 --latency-ms 300" changes the size.
+cluster-demo: install
+	$(BIN)/python -m ollama_pipeline.app.cluster_demo --workdir cluster_demo $(CLUSTER_ARGS)
