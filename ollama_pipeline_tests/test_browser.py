@@ -42,6 +42,9 @@ from ollama_pipeline_tests.test_web import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
+# The deadline of a wait for the Dagster UI (Playwright's `expect` waits 5 s unless told; a loaded 2-core
+# machine lays the graph out slower than that).
+DEADLINE_MS = 60_000
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -270,24 +273,25 @@ def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, d
     assert {"media", *STAGES} <= set(names)
     context = browser.new_context(viewport={"width": 1900, "height": 2000})
     page = context.new_page()
-    page.set_default_timeout(60_000)  # the deadline of each wait below (a loaded 2-core machine is slow)
+    page.set_default_timeout(DEADLINE_MS)
     page.goto(dagster_url + "/asset-groups")
-    expect(page.get_by_text("Global asset lineage")).to_be_visible()
-    _skip_community_dialog(page)
-    graph = page.locator("svg[class*=AssetGraphExplorer_svgContainer]")
-    expect(graph).to_be_visible()
     try:
+        expect(page.get_by_text("Global asset lineage")).to_be_visible(timeout=DEADLINE_MS)
+        _skip_community_dialog(page)
+        graph = page.locator("svg[class*=AssetGraphExplorer_svgContainer]")
+        expect(graph).to_be_visible(timeout=DEADLINE_MS)
         for name in names:  # exact text: a name cut short ("ollama_…_assist") does not match
             label = graph.get_by_text(name, exact=True)
-            expect(label).to_be_visible()
-            expect(label).to_be_in_viewport()
+            expect(label).to_be_visible(timeout=DEADLINE_MS)
+            expect(label).to_be_in_viewport(timeout=DEADLINE_MS)
             assert label.evaluate("e => e.scrollWidth <= e.clientWidth"), f"{name} is clipped"
         expect(graph.locator("[aria-label=unfold_more]")).to_have_count(0)  # no collapsed group to open
+        # lineage edges: every stage hangs off media
+        expect(graph.locator("path").nth(len(STAGES) - 1)).to_be_attached(timeout=DEADLINE_MS)
     except AssertionError:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dagster_asset_graph_failure.png"))
         raise
-    assert graph.locator("path").count() >= len(STAGES)  # lineage edges: every stage hangs off media
     save_screenshot(page, "dagster_asset_graph.png")
 
     stage = list(STAGES)[-1]
@@ -295,7 +299,7 @@ def test_dagster_ui_shows_asset_lineage_and_media_partitions(browser: Browser, d
     _skip_community_dialog(page)
     keys = Partitioning(size=library.settings.pipeline.partition_size).keys_of(library.demo_ids)
     # Dagster's partition bar says "1 Partitions Selected" for one partition as for many
-    expect(page.get_by_text(re.compile(rf"^{len(keys)} Partitions? Selected$"))).to_be_visible()
+    expect(page.get_by_text(re.compile(rf"^{len(keys)} Partitions? Selected$"))).to_be_visible(timeout=DEADLINE_MS)
     for key in (keys[0], keys[-1]):
-        expect(page.get_by_text(key, exact=True).first).to_be_visible()
+        expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=DEADLINE_MS)
     context.close()
