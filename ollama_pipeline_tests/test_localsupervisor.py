@@ -456,3 +456,65 @@ def _media_key() -> Any:
     from dagster import AssetKey
 
     return AssetKey("media")
+
+
+def test_leases_in_its_jobs_table_are_renewed_while_working_and_only_our_stopped_claims_are_requeued(
+        tmp_path: Path, settings_factory: Callable[..., Settings]) -> None:
+    """A claim in LocalSupervisor's jobs table is its heartbeat plus the lease: the worker's LeaseKeeper
+    renews heartbeat_at while it works; a claim of ours whose heartbeat stopped is requeued (attempt kept)
+    by the next claim, while a job LocalSupervisor's own worker runs is never touched."""
+    import time
+
+    from ollama_pipeline.core.queue import store
+    from ollama_pipeline.core.queue.worker import LeaseKeeper
+
+    db = tmp_path / "supervisor.sqlite"
+    settings = settings_factory(f"sqlite:///{db}", pipeline__queue__lease_seconds=1)
+    ids = create_localsupervisor_db(db, settings.media_root, 3)
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, heartbeat_at, worker_owner, payload_json) "
+                "VALUES (?, 'ollama_title', 'running', '2026-02-01T10:00:00+01:00', '2026-02-01T10:00:00+01:00', "
+                "'php:worker:42', '{}')", (ids[2],))  # LocalSupervisor's own worker holds this one
+    con.commit()
+    first = store.enqueue_ollama(pipeline, "ollama_caption", ids[0])
+    (claimed,) = store.claim_jobs(pipeline, "w1", 5)
+    assert claimed.id == first.job_id and claimed.attempts == 1 and claimed.job_type == "ollama_caption"
+    before = con.execute("SELECT heartbeat_at FROM jobs WHERE id = ?", (claimed.id,)).fetchone()[0]
+    with LeaseKeeper(pipeline) as keeper:
+        keeper.track(claimed)
+        deadline = time.monotonic() + 20
+        while con.execute("SELECT heartbeat_at FROM jobs WHERE id = ?", (claimed.id,)).fetchone()[0] == before:
+            assert time.monotonic() < deadline, "the heartbeat was not renewed"
+            time.sleep(0.1)
+    # The worker stopped: once its lease ran out the next claim takes the job again, as attempt 2.
+    deadline = time.monotonic() + 20
+    while not (again := store.claim_jobs(pipeline, "w2", 5)):
+        assert time.monotonic() < deadline, "the stopped claim was not requeued"
+        time.sleep(0.2)
+    assert [(j.id, j.attempts, j.worker) for j in again] == [(claimed.id, 2, "w2")]
+    assert con.execute("SELECT status, worker_owner, heartbeat_at FROM jobs WHERE media_id = ? AND "
+                       "type = 'ollama_title'", (ids[2],)).fetchone() == ("running", "php:worker:42",
+                                                                       "2026-02-01T10:00:00+01:00")
+    outcome = store.finish_claimed(pipeline, again[0], None)
+    assert outcome.status == "done"
+    assert con.execute("SELECT status, last_error_code FROM jobs WHERE id = ?", (claimed.id,)).fetchone() == \
+        ("done", None)
+    con.close()
+
+
+def test_a_second_demo_build_in_localsupervisor_layout_adds_nothing(
+        tmp_path: Path, settings_factory: Callable[..., Settings]) -> None:
+    """`make demo` twice: the second build finds every item by its absolute path (as LocalSupervisor's
+    importer stores it) and adds no row."""
+    from ollama_pipeline.app.demo_library import build_demo_library
+
+    db = tmp_path / "demo_twice.sqlite"
+    settings = settings_factory(f"sqlite:///{db}")
+    engine = Pipeline.from_settings(settings).engine
+    first = build_demo_library(engine, settings.media_root, 4, max_side=128, sizes="small", layout="localsupervisor")
+    before = snapshot(db)
+    second = build_demo_library(engine, settings.media_root, 4, max_side=128, sizes="small", layout="localsupervisor")
+    assert (first.created, second.created, second.skipped) == (4, 0, 4)
+    assert snapshot(db) == before

@@ -127,6 +127,7 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run([str(base / ".venv" / "bin" / "ollama-pipeline"), "demo"], cwd=base, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "LocalSupervisor's schema" in proc.stdout, proc.stdout[-2000:]  # the demo's default layout
     return base
 
 
@@ -142,6 +143,12 @@ class _Sections:
         if section not in self.dirs:
             target = self.root / re.sub(r"\W+", "_", section)[:40]
             shutil.copytree(self.base, target, symlinks=True)
+            # The demo library is in LocalSupervisor's schema, whose media paths are absolute (as its
+            # importer writes them): they name the files of the first copy, so the copy's media root does too.
+            config = target / "demo" / "ollama_pipeline.yaml"
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+            data["media_root"] = str(self.base / "demo" / "media")
+            config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
             self.dirs[section] = target
             self.ran[section] = 0
         return self.dirs[section]

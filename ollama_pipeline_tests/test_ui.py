@@ -26,7 +26,7 @@ from ollama_pipeline.app.demo_library import build_demo_library
 from ollama_pipeline.app.supervise import StartError, remaining, start_child, stop_all, wait_ready
 from ollama_pipeline.core.config import load_settings
 from ollama_pipeline.core.db.engine import init_db
-from ollama_pipeline.core.db.models import MediaMeta
+from ollama_pipeline.core.db.repository import values_table
 from ollama_pipeline.core.jsontext import loads_or_none
 from ollama_pipeline.core.runner import Pipeline, run_stage
 
@@ -112,18 +112,21 @@ def _still_running(processes: set[tuple[int, str]]) -> list[int]:
 
 @pytest.fixture
 def demo_dir(tmp_path: Path, emulator: Any) -> tuple[Path, dict[int, str]]:
-    """A folder as `make demo` leaves it (demo config, library, caption and title run); returns the titles."""
+    """A folder as `make demo` leaves it (demo config, library in LocalSupervisor's schema, caption and title
+    run); returns the titles."""
     config = tmp_path / DEMO_DIR / "ollama_pipeline.yaml"
     _demo_config(config)
     settings = load_settings(config, env={BASE_URL_ENV: emulator.base_url})
     pipeline = Pipeline.from_settings(settings)
+    report = build_demo_library(pipeline.engine, settings.media_root, 3, sizes="small", max_side=256,
+                                layout="localsupervisor")
     init_db(pipeline.engine)
-    report = build_demo_library(pipeline.engine, settings.media_root, 3, sizes="small", max_side=256)
     for stage in ("ollama_caption", "ollama_title"):
         assert all(o.status != "failed" for o in run_stage(pipeline, stage, report.media_ids))
+    values = values_table(pipeline.engine)
     with pipeline.engine.connect() as conn:
         titles = {m: loads_or_none(v)["text"] for m, v in conn.execute(
-            select(MediaMeta.media_id, MediaMeta.value).where(MediaMeta.key == "ollama.title"))}
+            select(values.c.media_id, values.c.value).where(values.c.key == "ollama.title"))}
     pipeline.engine.dispose()
     assert len(titles) == 3
     return tmp_path, titles
@@ -170,16 +173,15 @@ def _click_rerun(web: str, media_id: int, stage: str) -> tuple[int, str]:
     return int(found.group(2)), found.group(1)
 
 
-def _library_engine(folder: Path) -> Any:
-    settings = load_settings(folder / DEMO_DIR / "ollama_pipeline.yaml")
-    return Pipeline.from_settings(settings).engine
+def _library(folder: Path) -> Pipeline:
+    return Pipeline.from_settings(load_settings(folder / DEMO_DIR / "ollama_pipeline.yaml"))
 
 
-def _job_status(engine: Any, job_id: int) -> str:
-    from ollama_pipeline.core.db.models import OllamaJob
+def _job_status(library: Pipeline, job_id: int) -> str:
+    """The job's status in the library's queue (LocalSupervisor's `jobs` table for the demo)."""
+    from ollama_pipeline.core.queue import store
 
-    with engine.connect() as conn:
-        return str(conn.execute(select(OllamaJob.status).where(OllamaJob.id == job_id)).scalar())
+    return store.get_job(library, job_id).status
 
 
 def test_ui_serves_the_demo_results_and_dagster_then_sigterm_stops_everything(
@@ -236,9 +238,9 @@ def test_a_rerun_click_under_make_ui_is_processed_by_a_dagster_run(
         time.sleep(0.25)
     job_id, status = _click_rerun(web, min(titles), "ollama_title")
     assert status == "queued"
-    engine = _library_engine(demo_dir[0])
+    library = _library(demo_dir[0])
     deadline = time.monotonic() + 240  # bound of the poll only: a tick is 30 s, a run a few seconds
-    while (state := _job_status(engine, job_id)) not in ("done", "failed"):
+    while (state := _job_status(library, job_id)) not in ("done", "failed"):
         assert proc.poll() is None, out.read_text()
         assert time.monotonic() < deadline, f"job {job_id} still {state}: " + out.read_text()[-3000:]
         time.sleep(1.0)
@@ -251,7 +253,7 @@ def test_a_rerun_click_under_make_ui_is_processed_by_a_dagster_run(
         time.sleep(1.0)
     assert [r["status"] for r in runs] == ["SUCCESS"]
     assert any(t["key"] == "ollama_pipeline/batch" for t in runs[0]["tags"])
-    engine.dispose()
+    library.engine.dispose()
 
 
 def test_ui_refuses_a_port_in_use_naming_it(tmp_path: Path) -> None:

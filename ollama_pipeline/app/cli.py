@@ -302,9 +302,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--count", type=arg_type(_positive_int, "--count"), default=50)
     p.add_argument("--emulator", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--stages", default="all")
-    p.add_argument("--layout", choices=["pipeline", "localsupervisor"], default="pipeline",
-                   help="build the demo library in the pipeline's own schema or in LocalSupervisor's "
-                        "(then under demo/localsupervisor/)")
+    p.add_argument("--layout", choices=["localsupervisor", "pipeline"], default="localsupervisor",
+                   help="build the demo library in LocalSupervisor's schema (default, under demo/) or in the "
+                        "pipeline's own (under demo/pipeline/)")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("export", help="write the JSON Lines export feed of all ollama.* values")

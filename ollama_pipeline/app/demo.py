@@ -72,9 +72,20 @@ def verify_outputs(engine: Engine, stages: list[str]) -> tuple[int, int, list[st
     return valid, len(ids), problems
 
 
+DEFAULT_LAYOUT = "localsupervisor"
+
+
+def demo_dir(layout: str) -> Path:
+    """Where the demo of a layout lives: `demo/` for LocalSupervisor's (the default), `demo/<layout>/` else."""
+    return DEMO_DIR if layout == DEFAULT_LAYOUT else DEMO_DIR / layout
+
+
 def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = None, stages: str = "all",
-             layout: str = "pipeline") -> int:
-    """Build the demo library and run the chosen stages on it through Dagster; prints a summary."""
+             layout: str = DEFAULT_LAYOUT) -> int:
+    """Build the demo library and run the chosen stages on it through Dagster; prints a summary.
+
+    layout "localsupervisor" (the default): the library in LocalSupervisor's schema (the profile users
+    run), under demo/; "pipeline": the pipeline's own schema, under demo/pipeline/."""
     from ollama_pipeline.app.demo_library import build_demo_library
     from ollama_pipeline.app.orchestrate import dagster_instance, parse_stage_list, run_stages_through_dagster
     from ollama_pipeline.core.client import OllamaClient
@@ -83,7 +94,7 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
     user_config = config or os.environ.get(CONFIG_ENV) or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists()
                                                            else None)
     if user_config is None:
-        config_file = (DEMO_DIR if layout == "pipeline" else DEMO_DIR / layout) / "ollama_pipeline.yaml"
+        config_file = demo_dir(layout) / "ollama_pipeline.yaml"
         _demo_config(config_file)
     else:
         config_file = Path(user_config)
@@ -109,6 +120,10 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
         if layout == "pipeline":
             init_db(engine)
         started = time.perf_counter()
+        if layout == "localsupervisor" and engine.dialect.name != "sqlite":
+            print(f"the LocalSupervisor layout is SQLite only (as LocalSupervisor itself); {settings.database.url} "
+                  f"is {engine.dialect.name}: run `ollama-pipeline demo --layout pipeline`")
+            return 2
         report = build_demo_library(engine, settings.media_root, count=count, layout=layout)  # type: ignore[arg-type]
         print(f"demo library: {report.created} created, {report.skipped} already there "
               f"({time.perf_counter() - started:.1f} s) under {settings.media_root}")
@@ -127,8 +142,13 @@ def run_demo(*, count: int = 50, emulator: str = "auto", config: str | None = No
         print(f"ollama_export, ollama_report: Dagster run {downstream.run_id[:8]} "
               + ("ok" if downstream.success else f"FAILED: {downstream.failure}"))
         print("\nresults:")
-        print(f"  database      {settings.database.url}  (table media_meta, keys ollama.*; "
-              f"{layout} layout)")
+        from ollama_pipeline.core.db.gallery import gallery_for
+
+        profile = gallery_for(engine).profile
+        schema = "LocalSupervisor's schema" if profile == "localsupervisor" else "the pipeline's own schema"
+        if profile != layout:
+            schema += f", found there (not --layout {layout})"
+        print(f"  database      {settings.database.url}  (table media_meta, keys ollama.*; {schema})")
         print(f"  export feed   {export.get('path', '-')}  ({export.get('items', 0)} lines)")
         print(f"  report        {report_md}")
         print(f"  logs          {settings.logs_dir}/ollama_jobs.jsonl, ollama_errors.jsonl")

@@ -562,10 +562,18 @@ def _ensure_tags(engine: Engine, names: Sequence[str]) -> dict[str, int]:
     return existing
 
 
-def _existing_paths(engine: Engine, paths: Sequence[str]) -> set[str]:
-    media = gallery_for(engine)["media"]
+def _existing_paths(engine: Engine, paths: Sequence[str], media_root: Path | None = None) -> set[str]:
+    """The given (media-root relative) paths that have a media row; in LocalSupervisor's layout the rows
+    hold absolute paths (as its importer writes them), so those are looked up."""
+    g = gallery_for(engine)
+    media = g["media"]
+    stored = {p: p for p in paths}
+    if g.profile == LOCALSUPERVISOR and media_root is not None:
+        root = Path(media_root).resolve()
+        stored = {str(root / p): p for p in paths}
     with engine.connect() as conn:
-        return set(conn.execute(select(media.c("path")).where(media.c("path").in_(list(paths)))).scalars())
+        found = conn.execute(select(media.c("path")).where(media.c("path").in_(list(stored)))).scalars()
+        return {stored[p] for p in found}
 
 
 _LS_NOW = "2026-01-20T10:00:00+00:00"  # imported_at / run_at / created_at of the demo rows (fixed: reproducible)
@@ -734,7 +742,7 @@ def build_demo_library(
         for batch_start in range(start_index, start_index + count, BATCH_SIZE):
             batch_end = min(batch_start + BATCH_SIZE, start_index + count)
             plans = plan_demo_items(batch_end - batch_start, seed, batch_start, sizes, max_side)
-            already = _existing_paths(engine, [p.path for p in plans])
+            already = _existing_paths(engine, [p.path for p in plans], media_root)
             todo = [plan for plan in plans if plan.path not in already]
             report.skipped += len(plans) - len(todo)
             done += len(plans) - len(todo)
