@@ -518,3 +518,22 @@ def test_a_second_demo_build_in_localsupervisor_layout_adds_nothing(
     second = build_demo_library(engine, settings.media_root, 4, max_side=128, sizes="small", layout="localsupervisor")
     assert (first.created, second.created, second.skipped) == (4, 0, 4)
     assert snapshot(db) == before
+
+
+def test_refresh_leaves_items_with_a_waiting_row_in_its_jobs_table_to_that_job(
+        ls_library: tuple[Settings, Path, list[int]]) -> None:
+    """The refresh schedule's candidates skip an item whose caption job waits in LocalSupervisor's queue."""
+    from ollama_pipeline.core.refresh import refresh_items
+
+    settings, db, ids = ls_library
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    assert {o.status for o in run_stage(pipeline, "ollama_caption", ids)} == {"written"}
+    con = sqlite3.connect(db)
+    con.execute("UPDATE ollama_stage_results SET version = 'caption-v0' WHERE stage = 'ollama_caption'")
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, payload_json) VALUES "
+                "(?, 'ollama_caption', 'pending', '2026-02-01T10:00:00+01:00', '{}')", (ids[0],))
+    con.commit()
+    con.close()
+    found = refresh_items(pipeline, STAGES["ollama_caption"], limit=100)
+    assert found.stale == ids[1:]

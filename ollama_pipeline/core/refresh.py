@@ -10,6 +10,8 @@ a queued or running job of the same type are left to that job. This module must 
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 from sqlalchemy import exists, or_, select
 
@@ -35,13 +37,27 @@ class RefreshItems(BaseModel):
         return sorted({*self.stale, *self.retryable})
 
 
+def _gallery_jobs(pipeline: Pipeline) -> Any:
+    from ollama_pipeline.core.queue import gallery_jobs
+
+    return gallery_jobs.jobs_table(pipeline.engine) if gallery_jobs.uses_gallery_queue(pipeline) else None
+
+
 def refresh_items(pipeline: Pipeline, stage: Stage, *, limit: int) -> RefreshItems:
     """At most `limit` stale and `limit` retryable-failed items of one stage, lowest media ids first."""
     version, model = stage.version, pipeline.model_for(stage)
     result = OllamaStageResult
-    active_job = exists(select(OllamaJob.id).where(
-        OllamaJob.job_type == stage.job_type, OllamaJob.media_id == result.media_id,
-        OllamaJob.status.in_(ACTIVE_STATUSES)))
+    gallery_jobs = _gallery_jobs(pipeline)
+    if gallery_jobs is not None:  # the gallery's own queue (LocalSupervisor's jobs)
+        from ollama_pipeline.core.queue.gallery_jobs import ACTIVE, STAGE_TO_TYPE
+
+        active_job = exists(select(gallery_jobs.c.id).where(
+            gallery_jobs.c.type == STAGE_TO_TYPE.get(stage.job_type, stage.job_type),
+            gallery_jobs.c.media_id == result.media_id, gallery_jobs.c.status.in_(ACTIVE)))
+    else:
+        active_job = exists(select(OllamaJob.id).where(
+            OllamaJob.job_type == stage.job_type, OllamaJob.media_id == result.media_id,
+            OllamaJob.status.in_(ACTIVE_STATUSES)))
     base = select(result.media_id).where(result.stage == stage.job_type, ~active_job)
     stale_q = base.where(result.status == "ok", or_(result.version.is_(None), result.version != version,
                                                     result.model.is_(None), result.model != model))
