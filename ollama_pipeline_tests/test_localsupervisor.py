@@ -537,3 +537,29 @@ def test_refresh_leaves_items_with_a_waiting_row_in_its_jobs_table_to_that_job(
     con.close()
     found = refresh_items(pipeline, STAGES["ollama_caption"], limit=100)
     assert found.stale == ids[1:]
+
+
+def test_the_web_item_page_lists_the_items_rows_of_its_jobs_table(
+        ls_library: tuple[Settings, Path, list[int]]) -> None:
+    """The web UI's item data lists the item's jobs from LocalSupervisor's queue (stage names, the queue's
+    status words), newest first; types without a stage here are not listed."""
+    from ollama_pipeline.app.web import queries
+    from ollama_pipeline.core.queue import store
+
+    settings, db, ids = ls_library
+    pipeline = Pipeline.from_settings(settings)
+    init_db(pipeline.engine)
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, last_error_code, error_message, "
+                "payload_json) VALUES (?, 'ollama_prompt_eval', 'error', '2026-02-01T10:00:00+01:00', "
+                "'network.timeout', 'timed out', '{\"attempts\": 3}')", (ids[0],))
+    con.execute("INSERT INTO jobs (media_id, type, status, created_at, payload_json) VALUES "
+                "(?, 'ollama_embed', 'queued', '2026-02-01T10:00:00+01:00', '{}')", (ids[0],))
+    con.commit()
+    con.close()
+    queued = store.enqueue_ollama(pipeline, "ollama_title", ids[0])
+    item = queries.item_data(pipeline.engine, ids[0])
+    assert item is not None
+    assert [(j["id"], j["job_type"], j["status"]) for j in item.jobs] == [
+        (queued.job_id, "ollama_title", "queued"), (1, "ollama_score_multi", "failed")]
+    assert (item.jobs[1]["attempts"], item.jobs[1]["error_code"]) == (3, "network.timeout")
