@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install browser jsclient demo test lint bench ui screenshots clean test-compat cluster-demo
+.PHONY: install browser jsclient demo test lint bench bench-scale ui screenshots clean test-compat cluster-demo
 
 # The Dagster-facing tests on the lowest and the highest release of the supported range, each in its own
 # virtual environment (not part of `make test`). The sets are the matching dagster/webserver/postgres releases.
@@ -52,6 +52,12 @@ lint: install
 
 bench: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/ollama-pipeline bench $(BENCH_ARGS)
+
+# Issue 13's scale targets on a generated library of 1,000,000 items, SQLite and PostgreSQL (up to an hour;
+# not part of `make test`): a table of target / measured / pass and bench_results/scale.json.
+# make bench-scale SCALE_ARGS="--items 100000 --backends sqlite"
+bench-scale: install browser
+	nice -n 10 $(BIN)/python -m ollama_pipeline.bench.scale $(SCALE_ARGS)
 
 # make ui WEB_PORT=8081 DAGSTER_PORT=3001 (HOST=... too); empty means the defaults 8080 / 3000 / 127.0.0.1.
 ui: install $(DAGSTER_HOME)/dagster.yaml

@@ -13,7 +13,7 @@ person changed after the pipeline wrote it is kept (`human_edited`) unless the w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -383,34 +383,85 @@ def tag_vocabulary(engine: Engine, *, exclude_source: str | None = None) -> list
         return sorted({r[0] for r in conn.execute(q)})
 
 
-def duplicate_universe(engine: Engine) -> list[dict[str, Any]]:
-    """Every media item with what cheap duplicate search needs: path, dHash, generation seed and prompt."""
-    g = gallery_for(engine)
-    m, p = g["media"], g.t("prompts")
+DHASH_PAGE = 50_000  # rows per page when the duplicate stage reads the dHash index
+
+
+def iter_dhash_pages(engine: Engine, page: int = DHASH_PAGE) -> Iterator[list[tuple[Any, str]]]:
+    """Every (media_id, dhash) of ollama_media_index, in pages ordered by media id (keyset pagination on the
+    primary key): the only library-wide read of the duplicate stage; paths and prompts are asked per batch."""
+    t = OllamaMediaIndex.__table__
+    last: Any = None
     with read_connection(engine) as conn:
-        if p is None or not p.has("id"):
-            q = (select(m.c("id"), m.c("path"), OllamaMediaIndex.dhash)
-                 .outerjoin(OllamaMediaIndex, OllamaMediaIndex.media_id == m.c("id")).order_by(m.c("id")))
-            return [{"media_id": r[0], "path": r[1], "dhash": r[2], "seed": None, "prompt": None}
-                    for r in conn.execute(q)]
-        first_prompt = (select(p.c("media_id").label("media_id"), func.min(p.c("id")).label("pid"))
-                        .group_by(p.c("media_id")).subquery())
-        seed = p.c("seed") if p.has("seed") else None
-        prompt = p.c("prompt") if p.has("prompt") else None
-        cols = [m.c("id"), m.c("path"), OllamaMediaIndex.dhash]
-        cols += [c for c in (seed, prompt) if c is not None]
-        q = (select(*cols)
-             .outerjoin(OllamaMediaIndex, OllamaMediaIndex.media_id == m.c("id"))
-             .outerjoin(first_prompt, first_prompt.c.media_id == m.c("id"))
-             .outerjoin(p.table, p.c("id") == first_prompt.c.pid)
-             .order_by(m.c("id")))
-        out = []
-        for r in conn.execute(q):
-            rest = list(r[3:])
-            s = rest.pop(0) if seed is not None else None
-            pr = rest.pop(0) if prompt is not None else None
-            out.append({"media_id": r[0], "path": r[1], "dhash": r[2], "seed": _seed(s), "prompt": pr})
-        return out
+        while True:
+            q = select(t.c.media_id, t.c.dhash).where(t.c.dhash.is_not(None)).order_by(t.c.media_id).limit(page)
+            if last is not None:
+                q = q.where(t.c.media_id > last)
+            rows = [(r[0], r[1]) for r in conn.execute(q)]
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
+
+
+def _chunks(values: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def dhashes_of(engine: Engine, media_ids: Iterable[Any]) -> dict[Any, str]:
+    """The stored dHash of each of media_ids that has one (by primary key)."""
+    t = OllamaMediaIndex.__table__
+    out: dict[Any, str] = {}
+    with read_connection(engine) as conn:
+        for chunk in _chunks(list(media_ids)):
+            out.update((r[0], r[1]) for r in conn.execute(
+                select(t.c.media_id, t.c.dhash).where(t.c.media_id.in_(chunk), t.c.dhash.is_not(None))))
+    return out
+
+
+def media_paths(engine: Engine, media_ids: Iterable[Any]) -> dict[Any, str]:
+    """The gallery path of each of media_ids that still exists (by primary key)."""
+    m = gallery_for(engine)["media"]
+    out: dict[Any, str] = {}
+    with read_connection(engine) as conn:
+        for chunk in _chunks(list(media_ids)):
+            out.update((r[0], r[1]) for r in conn.execute(select(m.c("id"), m.c("path")).where(m.c("id").in_(chunk))))
+    return out
+
+
+def _first_prompts(conn: Connection, p: GalleryTable, where: Any) -> dict[Any, tuple[Any, str | None]]:
+    """(raw seed, prompt) of the first prompt row (lowest id) of each media item the condition selects."""
+    out: dict[Any, tuple[int, Any, str | None]] = {}
+    for r in conn.execute(select(p.c("id"), p.c("media_id"), p.c("seed"), p.c("prompt")).where(where)):
+        if r[1] not in out or r[0] < out[r[1]][0]:
+            out[r[1]] = (r[0], r[2], r[3])
+    return {media_id: (seed, prompt) for media_id, (_pid, seed, prompt) in out.items()}
+
+
+def generation_peers(engine: Engine, media_ids: Iterable[Any]) -> dict[Any, list[Any]]:
+    """For each of media_ids with a generation (seed and prompt of its first prompt row): the other items
+    whose first prompt row has the same seed and prompt. Two bounded queries: the items' own prompts by
+    media id, then the rows with one of their seeds."""
+    g = gallery_for(engine)
+    p = g.t("prompts")
+    if p is None or not (p.has("id") and p.has("seed") and p.has("prompt")):
+        return {}
+    ids = list(media_ids)
+    with read_connection(engine) as conn:
+        own: dict[Any, tuple[Any, str | None]] = {}
+        for chunk in _chunks(ids):
+            own.update(_first_prompts(conn, p, p.c("media_id").in_(chunk)))
+        generation = {mid: (_seed(seed), prompt.strip()) for mid, (seed, prompt) in own.items()
+                      if _seed(seed) is not None and prompt and prompt.strip()}
+        seeds = sorted({raw for mid, (raw, _prompt) in own.items() if mid in generation}, key=str)
+        others: dict[Any, tuple[Any, str | None]] = {}
+        for chunk in _chunks(seeds):
+            others.update(_first_prompts(conn, p, p.c("seed").in_(chunk)))
+    by_generation: dict[tuple[int | None, str], list[Any]] = {}
+    for mid, (seed, prompt) in sorted(others.items(), key=lambda kv: str(kv[0])):
+        if _seed(seed) is not None and prompt and prompt.strip():
+            by_generation.setdefault((_seed(seed), prompt.strip()), []).append(mid)
+    return {mid: [o for o in by_generation.get(gen, []) if o != mid] for mid, gen in generation.items()}
 
 
 def stage_states(engine: Engine, stage: str, media_ids: Iterable[int]) -> dict[int, dict[str, Any]]:

@@ -13,6 +13,7 @@ dhash_distance}], "best": the most confident duplicate/variant or null, "checked
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,49 +55,32 @@ Search facts:
 
 
 class _Universe:
-    """The library-wide arrays the cheap search runs over (numpy: one XOR + popcount per item)."""
+    """The dHash index the cheap search runs over, held compactly: the id and 64-bit dHash of every indexed
+    item (16 bytes per item, read page by page from ollama_media_index) and nothing else; paths and
+    generations are asked of the database per batch, by primary key. numpy: one XOR + popcount per item."""
 
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.ids = np.array([r["media_id"] for r in rows], dtype=np.int64)
-        self.paths = {r["media_id"]: r["path"] for r in rows}
-        hashes = [int(r["dhash"], 16) if r["dhash"] else 0 for r in rows]
-        self.has_hash = np.array([bool(r["dhash"]) for r in rows], dtype=bool)
-        self.hashes = np.array(hashes, dtype=np.uint64)
-        self.by_generation: dict[tuple[int, str], list[int]] = {}
-        for r in rows:
-            if r["seed"] is not None and r["prompt"]:
-                self.by_generation.setdefault((int(r["seed"]), r["prompt"].strip()), []).append(r["media_id"])
-        self.hash_of = {r["media_id"]: r["dhash"] for r in rows}
-        self.generation_of = {r["media_id"]: (int(r["seed"]), r["prompt"].strip()) for r in rows
-                              if r["seed"] is not None and r["prompt"]}
+    def __init__(self, pages: Iterable[list[tuple[Any, str]]]) -> None:
+        ids: list[Any] = []
+        hashes: list[np.ndarray] = []
+        for rows in pages:
+            ids.extend(r[0] for r in rows)
+            hashes.append(np.fromiter((int(r[1], 16) for r in rows), dtype=np.uint64, count=len(rows)))
+        integer = all(isinstance(i, int) for i in ids)
+        self.ids: Any = np.array(ids, dtype=np.int64) if integer else ids
+        self.hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
 
-    def candidates(self, media_id: int, limit: int) -> list[DuplicateCandidate]:
-        found: dict[int, DuplicateCandidate] = {}
-        own_hash = self.hash_of.get(media_id)
-        distances: dict[int, int] = {}
-        if own_hash and len(self.ids):
-            xor = np.bitwise_xor(self.hashes, np.uint64(int(own_hash, 16)))
-            dist = np.bitwise_count(xor)
-            near = np.nonzero(self.has_hash & (dist <= DHASH_THRESHOLD) & (self.ids != media_id))[0]
-            for i in near:
-                other = int(self.ids[i])
-                distances[other] = int(dist[i])
-                found[other] = DuplicateCandidate(media_id=other, path=self.paths[other], found_by=["dhash"],
-                                                  distance=int(dist[i]))
-        generation = self.generation_of.get(media_id)
-        for other in self.by_generation.get(generation, []) if generation else []:
-            if other == media_id:
-                continue
-            if other in found:
-                found[other].found_by.append("seed_prompt")
-            else:
-                other_hash = self.hash_of.get(other)
-                distance = bin(int(own_hash, 16) ^ int(other_hash, 16)).count("1") if own_hash and other_hash else None
-                found[other] = DuplicateCandidate(media_id=other, path=self.paths[other], found_by=["seed_prompt"],
-                                                  distance=distance)
-        ranked = sorted(found.values(), key=lambda c: (-len(c.found_by), 65 if c.distance is None else c.distance,
-                                                       c.media_id))
-        return ranked[:limit]
+    def near(self, media_id: Any, own_hash: str) -> dict[Any, int]:
+        """The indexed items within DHASH_THRESHOLD bits of own_hash (not media_id itself): id -> distance."""
+        if not len(self.hashes):
+            return {}
+        dist = np.bitwise_count(np.bitwise_xor(self.hashes, np.uint64(int(own_hash, 16))))
+        out = {}
+        for i in np.nonzero(dist <= DHASH_THRESHOLD)[0]:
+            other = self.ids[int(i)]
+            other = int(other) if isinstance(other, np.integer) else other
+            if other != media_id:
+                out[other] = int(dist[i])
+        return out
 
 
 def _universe(pipeline: Any) -> _Universe:
@@ -104,7 +88,7 @@ def _universe(pipeline: Any) -> _Universe:
 
     cached = pipeline._cache.get("duplicate_universe")
     if cached is None or time.monotonic() - cached[0] > UNIVERSE_TTL_S:
-        cached = (time.monotonic(), _Universe(repository.duplicate_universe(pipeline.engine)))
+        cached = (time.monotonic(), _Universe(repository.iter_dhash_pages(pipeline.engine)))
         pipeline._cache["duplicate_universe"] = cached
     return cached[1]
 
@@ -116,18 +100,52 @@ def _file_present(media_root: Path, path: str) -> bool:
         return False
 
 
+def batch_candidates(pipeline: Any, media_ids: list[Any], limit: int) -> dict[Any, list[DuplicateCandidate]]:
+    """The closest `limit` candidates of each item of a batch, ranked (found by both searches first, then by
+    distance, then id), each with its path (an item gone from the gallery is no candidate)."""
+    from ollama_pipeline.core.db import repository
+
+    engine = pipeline.engine
+    universe = _universe(pipeline)
+    own = repository.dhashes_of(engine, media_ids)  # fresh: the media asset may just have indexed them
+    peers = repository.generation_peers(engine, media_ids)
+    found: dict[Any, dict[Any, tuple[list[str], int | None]]] = {}
+    peer_hashes = repository.dhashes_of(engine, {o for others in peers.values() for o in others})
+    for media_id in media_ids:
+        mine: dict[Any, tuple[list[str], int | None]] = {}
+        own_hash = own.get(media_id)
+        if own_hash:
+            for other, distance in universe.near(media_id, own_hash).items():
+                mine[other] = (["dhash"], distance)
+        for other in peers.get(media_id, []):
+            if other in mine:
+                mine[other][0].append("seed_prompt")
+            else:
+                other_hash = peer_hashes.get(other)
+                distance = (bin(int(own_hash, 16) ^ int(other_hash, 16)).count("1")
+                            if own_hash and other_hash else None)
+                mine[other] = (["seed_prompt"], distance)
+        ranked = sorted(mine.items(), key=lambda kv: (-len(kv[1][0]), 65 if kv[1][1] is None else kv[1][1],
+                                                      str(kv[0]) if not isinstance(kv[0], int) else kv[0]))
+        found[media_id] = dict(ranked[:limit])
+    paths = repository.media_paths(engine, {o for mine in found.values() for o in mine})
+    return {media_id: [DuplicateCandidate(media_id=o, path=paths[o], found_by=by, distance=d)
+                       for o, (by, d) in mine.items() if o in paths]
+            for media_id, mine in found.items()}
+
+
 def enrich_duplicates(pipeline: Any, inputs: dict[int, StageInputs]) -> None:
     """The closest candidates of each item; a candidate whose file is gone (deleted since it was indexed,
     or outside the media root) cannot be compared and is passed over, so the item does not fail for it."""
-    universe = _universe(pipeline)
     limit = pipeline.settings.pipeline.duplicate_candidates
     root = pipeline.settings.media_root
-    for media_id, item in inputs.items():
-        if not limit:
+    if not limit:
+        for item in inputs.values():
             item.duplicate_candidates = []
-            continue
-        found = universe.candidates(media_id, limit * 2)
-        item.duplicate_candidates = [c for c in found if _file_present(root, c.path)][:limit]
+        return
+    found = batch_candidates(pipeline, list(inputs), limit * 2)
+    for media_id, item in inputs.items():
+        item.duplicate_candidates = [c for c in found.get(media_id, []) if _file_present(root, c.path)][:limit]
 
 
 def plan_duplicates(stage: Stage, inputs: StageInputs) -> list[ModelRequest]:
