@@ -202,7 +202,8 @@ def _tiny_pngs(folder: Path, count: int) -> list[tuple[Path, str, int]]:
 
 def build_million_library(workdir: Path, base_url: str, items: int, new_items: int, db_url: str | None,
                           progress: Any = print) -> tuple[Path, dict[str, Any]]:
-    """The library: `items` media rows in the demo's default layout (the pipeline's own schema), each with
+    """The library: `items` media rows in the demo's default layout (LocalSupervisor's schema; on
+    PostgreSQL, which that layout does not support, the pipeline's own), each with
     a prompt and its own file (a hard link to one of DISTINCT_FILES tiny PNGs). The first items - new_items
     were processed before: indexed (dHash) and captioned (every STALE_EVERY-th by an older model); the last
     new_items are new. Returns the config path and the timings of the build."""
@@ -226,18 +227,34 @@ def build_million_library(workdir: Path, base_url: str, items: int, new_items: i
     progress(f"[scale] {items:,} files (hard links to {DISTINCT_FILES} PNGs) in {timings['files_s']} s")
 
     engine = make_engine(data["database"]["url"])
+    layout = "localsupervisor" if engine.dialect.name == "sqlite" else "pipeline"
+    if layout == "localsupervisor":  # the demo's default layout (LocalSupervisor's schema: SQLite only)
+        from ollama_pipeline.app.localsupervisor_schema import create_localsupervisor_schema
+
+        create_localsupervisor_schema(engine)
     init_db(engine)
+    timings["layout"] = layout
     now = "2026-01-01 00:00:00.000000"
     old = items - new_items
     version = STAGES["ollama_caption"].version
     rng = random.Random(13)
     started = time.perf_counter()
-    bulk_load(engine, "media", ("id", "path", "type", "width", "height", "has_nsfw", "hash", "status",
-                                "created_at", "updated_at"),
-              ((i, f"{i // 1000:04d}/{i:07d}.png", "image", 64, 64, False, sources[i % DISTINCT_FILES][1], "active",
-                now, now) for i in range(1, items + 1)))
-    bulk_load(engine, "prompts", ("id", "media_id", "prompt", "model", "seed", "size", "created_at"),
-              ((i, i, f"a generated scene number {i % 5000}", "sdxl", i, "64x64", now) for i in range(1, items + 1)))
+    if layout == "localsupervisor":  # as its importer writes them: absolute paths, unique content hashes
+        root = str(media_root.resolve())
+        bulk_load(engine, "media", ("id", "path", "type", "source", "width", "height", "filesize", "hash",
+                                    "created_at", "imported_at"),
+                  ((i, f"{root}/{i // 1000:04d}/{i:07d}.png", "image", "sd", 64, 64, sources[i % DISTINCT_FILES][2],
+                    f"{i:064x}", now, now) for i in range(1, items + 1)))
+        bulk_load(engine, "prompts", ("id", "media_id", "prompt", "model", "seed", "width", "height"),
+                  ((i, i, f"a generated scene number {i % 5000}", "sdxl", str(i), 64, 64) for i in range(1, items + 1)))
+    else:
+        bulk_load(engine, "media", ("id", "path", "type", "width", "height", "has_nsfw", "hash", "status",
+                                    "created_at", "updated_at"),
+                  ((i, f"{i // 1000:04d}/{i:07d}.png", "image", 64, 64, False, sources[i % DISTINCT_FILES][1],
+                    "active", now, now) for i in range(1, items + 1)))
+        bulk_load(engine, "prompts", ("id", "media_id", "prompt", "model", "seed", "size", "created_at"),
+                  ((i, i, f"a generated scene number {i % 5000}", "sdxl", i, "64x64", now)
+                   for i in range(1, items + 1)))
     bulk_load(engine, "ollama_media_index", ("media_id", "content_sha256", "dhash", "size_bytes", "width", "height",
                                              "updated_at"),
               ((i, sources[i % DISTINCT_FILES][1], f"{rng.getrandbits(64):016x}", sources[i % DISTINCT_FILES][2],
