@@ -150,17 +150,28 @@ def save(report: BenchReport, out: Path) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    started, load_before = time.perf_counter(), os.getloadavg()
     report = run_bench(args)
+    report.machine.update(duration_s=round(time.perf_counter() - started, 1),
+                          load_before=[round(x, 2) for x in load_before],
+                          load_after=[round(x, 2) for x in os.getloadavg()])
     out = Path(args.out)
     save(report, out)
     print()
     print(render_table(report))
-    print(f"\nwritten: {out}")
+    m = report.machine
+    print(f"\nbench took {m['duration_s'] / 60:.1f} min; load average (1, 5, 15 min) before {m['load_before']}, "
+          f"after {m['load_after']} on {m['cpus']} cores")
+    print(f"written: {out}")
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--items", type=int, default=1000, help="media items in the bench library (default 1000)")
+    p.add_argument("--items", type=int, default=500,
+                   help="media items in the bench library (default 500: the default run fits in 30 minutes on 2 "
+                        "shared cores)")
     p.add_argument("--stages", default="caption;all",
                    help="stage selections separated by ';', each 'all' or stage names with commas, or 'none' "
                         "(default 'caption;all')")

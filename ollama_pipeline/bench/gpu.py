@@ -11,9 +11,9 @@ the modeled GPU time. Patterns:
 
 The lower bound of the work: every distinct image prefilled once per model, every output token the
 pipeline's answers needed decoded once, one load per model, the host's slots busy all the time, no reloads.
-Columns (see README "GPU-time benchmark"): wall (modeled: wall × time scale), lower bound, their ratio,
-GPU busy (prefill + decode), load, reloads + evictions, prefix-cache hit rate, image tokens prefilled vs
-distinct, idle slot time.
+Columns (see README "GPU-time benchmark"): wall (modeled: wall × time scale), lower bound, their ratios,
+GPU busy (prefill + decode), load, reloads + evictions, prefix-cache hits (calls) and hit rate (tokens),
+image tokens prefilled vs distinct, idle slot time.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class GpuRow(BaseModel):
     loads: int
     reloads: int
     evictions: int
+    cache_hits: int  # calls that reused a prefix of their slot's previous prompt
     cache_hit_rate: float  # cached prompt tokens / prompt tokens
     image_tokens_prefilled: int
     image_tokens_distinct: int
@@ -153,7 +154,7 @@ def _row(profile: str, pattern: str, items: int, wall: float, scale: float, stat
                   gpu_to_bound=round((gpu["busy_s"] + gpu["load_s"]) / bound, 2) if bound else 0.0,
                   gpu_busy_s=round(gpu["busy_s"], 1), load_s=round(gpu["load_s"], 1), loads=stats["loads"],
                   reloads=stats["reloads"], evictions=stats["evictions"],
-                  cache_hit_rate=round(stats["cached_tokens"] / prompt, 3),
+                  cache_hits=stats["cache_hits"], cache_hit_rate=round(stats["cached_tokens"] / prompt, 3),
                   image_tokens_prefilled=stats["image_tokens"] - stats["image_tokens_cached"],
                   image_tokens_distinct=stats["distinct_image_tokens"], idle_slot_s=round(gpu["idle_slot_s"], 1),
                   machine_load=round(os.getloadavg()[0], 2))
@@ -196,13 +197,13 @@ def gpu_bench(workdir: Path, *, items: int, time_scale: float, concurrency: int 
 def render_gpu_table(rows: list[GpuRow]) -> str:
     head = (f"{'profile':<12} {'pattern':<9} {'calls':>6} {'fail':>5} {'wall s':>8} {'bound s':>8} {'wall/bnd':>8} "
             f"{'gpu/bnd':>7} "
-            f"{'busy s':>8} {'load s':>7} {'reload':>6} {'evict':>5} {'cache':>6} {'img tok':>9} {'distinct':>9} "
+            f"{'busy s':>8} {'load s':>7} {'reload':>6} {'evict':>5} {'hits':>5} {'cache':>6} {'img tok':>9} {'distinct':>9} "
             f"{'idle s':>8} {'load1':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.profile:<12} {r.pattern:<9} {r.calls:>6} {r.failed_calls:>5} {r.wall_s:>8.1f} "
                      f"{r.lower_bound_s:>8.1f} {r.wall_to_bound:>8.2f} {r.gpu_to_bound:>7.2f} {r.gpu_busy_s:>8.1f} "
                      f"{r.load_s:>7.1f} "
-                     f"{r.reloads:>6} {r.evictions:>5} {r.cache_hit_rate:>6.3f} {r.image_tokens_prefilled:>9} "
+                     f"{r.reloads:>6} {r.evictions:>5} {r.cache_hits:>5} {r.cache_hit_rate:>6.3f} {r.image_tokens_prefilled:>9} "
                      f"{r.image_tokens_distinct:>9} {r.idle_slot_s:>8.1f} {r.machine_load:>6.2f}")
     return "\n".join(lines)

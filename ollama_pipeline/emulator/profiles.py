@@ -179,7 +179,7 @@ ANSWER_KINDS: tuple[AnswerKind, ...] = (
                "assumption: 1 caption sentence + 3 description sentences (the prompt asks for two to four)"),
     # a text-to-image prompt fills about CLIP's 77-token window, its negative prompt about a third of that
     AnswerKind("prompt", ("negative_prompt", "prompt"), ("prompt", "negative_prompt"), 95,
-               "assumption: positive prompt ~ CLIP text encoder's 77-token context (Stable Diffusion model card) "
+               "assumption: positive prompt ~ the 77-token context of the CLIP text encoder (openai/CLIP clip.tokenize) "
                "+ a negative prompt of ~20 tokens"),
     # at most 25 tags are asked for; ~15 given, each {"name": ..., "confidence": ...} ~9 tokens
     AnswerKind("tags", ("tags", "keywords"), ("tags", "keywords"), 140,
