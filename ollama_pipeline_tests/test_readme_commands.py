@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SECTION_PREFIXES = ("Using it with", "Job API and CLI", "Dagster", "Export feed")
 MUST_HAVE_COMMANDS = ("Using it with", "Job API and CLI", "Export feed")
+COMMAND_TIMEOUT_S = 600
 PROJECT_FILES = ("ollama_pipeline.example.yaml", "workspace.yaml", "dagster.yaml", "README.md")
 SKIPS: tuple[tuple[str, str], ...] = (
     (r"\bollama\s+pull\b", "downloads model weights from the internet (no machine here can)"),
@@ -131,37 +133,77 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-class _Sections:
-    """One copy of the demo project per README section; commands of a section run in order."""
+class _SectionRuns:
+    """Each README section's commands run in order in its own copy of the demo project. The sections are
+    independent, so they run side by side (one thread each, the commands being child processes): the doc
+    test uses both CPUs. Only the sections, and the commands up to the last one, that the session's
+    selected tests ask for are run."""
 
-    def __init__(self, base: Path, root: Path) -> None:
-        self.base, self.root = base, root
-        self.dirs: dict[str, Path] = {}
-        self.ran: dict[str, int] = {}
+    def __init__(self, base: Path, root: Path, env: dict[str, str], wanted: dict[str, int]) -> None:
+        self.base, self.root, self.env = base, root, env
+        self.results: dict[tuple[str, int], subprocess.CompletedProcess[str] | BaseException] = {}
+        self.done = {(c.section, c.index): threading.Event() for c in COMMANDS}
+        self.threads = [threading.Thread(target=self._section, args=(section, last), daemon=True,
+                                         name=f"readme {section}") for section, last in wanted.items()]
+        for thread in self.threads:
+            thread.start()
 
-    def workdir(self, section: str) -> Path:
-        if section not in self.dirs:
-            target = self.root / re.sub(r"\W+", "_", section)[:40]
-            shutil.copytree(self.base, target, symlinks=True)
+    def _section(self, section: str, last: int) -> None:
+        commands = [c for c in COMMANDS if c.section == section and not c.skip and c.index <= last]
+        try:
+            cwd = self.root / re.sub(r"\W+", "_", section)[:40]
+            shutil.copytree(self.base, cwd, symlinks=True)
             # The demo library is in LocalSupervisor's schema, whose media paths are absolute (as its
             # importer writes them): they name the files of the first copy, so the copy's media root does too.
-            config = target / "demo" / "ollama_pipeline.yaml"
+            config = cwd / "demo" / "ollama_pipeline.yaml"
             data = yaml.safe_load(config.read_text(encoding="utf-8"))
             data["media_root"] = str(self.base / "demo" / "media")
             config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-            self.dirs[section] = target
-            self.ran[section] = 0
-        return self.dirs[section]
+        except BaseException as exc:  # every command of the section reports it
+            for command in commands:
+                self.results[(section, command.index)] = exc
+                self.done[(section, command.index)].set()
+            return
+        for command in commands:
+            try:
+                self.results[(section, command.index)] = _run(command, cwd, self.env)
+            except BaseException as exc:  # a timeout: this command fails, the next ones still run
+                self.results[(section, command.index)] = exc
+            self.done[(section, command.index)].set()
+
+    def result(self, command: Command) -> subprocess.CompletedProcess[str]:
+        """The finished command (its section's earlier commands ran before it), waiting with a deadline."""
+        key = (command.section, command.index)
+        assert self.done[key].wait(timeout=COMMAND_TIMEOUT_S * 4), f"`{command.line}` did not finish in time"
+        outcome = self.results[key]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=COMMAND_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
-def sections(demo_project: Path, tmp_path_factory: pytest.TempPathFactory) -> _Sections:
-    return _Sections(demo_project, tmp_path_factory.mktemp("readme_sections"))
+def section_runs(request: pytest.FixtureRequest, demo_project: Path, gpu_emulator: Any,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[_SectionRuns]:
+    selected = [item.callspec.params["command"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_readme_command_runs_as_written"
+                and hasattr(item, "callspec")]
+    wanted: dict[str, int] = {}
+    for command in selected:
+        if not command.skip:
+            wanted[command.section] = max(wanted.get(command.section, -1), command.index)
+    runs = _SectionRuns(demo_project, tmp_path_factory.mktemp("readme_sections"), _env(gpu_emulator.base_url),
+                        wanted)
+    yield runs
+    runs.join()
 
 
 def _run(command: Command, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command.line], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
     if command.edits and proc.returncode == 0:
         path = cwd / "ollama_pipeline.yaml"
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -192,15 +234,9 @@ def gpu_emulator() -> Iterator[Any]:
     [pytest.param(c, id=f"{c.section.split()[0]}{c.index}: {c.line[:70]}",
                   marks=[pytest.mark.skip(reason=c.skip)] if c.skip else [])
      for c in COMMANDS])
-def test_readme_command_runs_as_written(command: Command, sections: _Sections, gpu_emulator: Any) -> None:
+def test_readme_command_runs_as_written(command: Command, section_runs: _SectionRuns) -> None:
     """The documented command exits 0 and prints no traceback (earlier commands of its section first)."""
-    cwd = sections.workdir(command.section)
-    env = _env(gpu_emulator.base_url)
-    earlier = [c for c in COMMANDS if c.section == command.section and c.index < command.index and not c.skip]
-    for before in earlier[sections.ran[command.section]:]:
-        _run(before, cwd, env)
-    proc = _run(command, cwd, env)
-    sections.ran[command.section] = len(earlier) + 1
+    proc = section_runs.result(command)
     output = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, f"`{command.line}` exited {proc.returncode}:\n{output}"
     assert "Traceback" not in proc.stdout + proc.stderr, output
