@@ -226,8 +226,7 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "ui": ("ollama_pipeline.app.ui", "the results web UI, the Dagster UI and (when no Ollama is configured) "
                                      "the emulator, together; Ctrl-C stops them all"),
     "pilot": ("ollama_pipeline.app.pilot", "run every stage on a sample, print model time per item and the ETA"),
-    "backfill": ("ollama_pipeline.app.backfill", "launch one Dagster backfill over the items a question selects "
-                                                 "(--where stale=caption, failed=CODE, ...)"),
+    "backfill": ("ollama_pipeline.app.backfill", "launch one Dagster backfill over the items a question selects"),
     "bench": ("ollama_pipeline.bench", "throughput through Dagster vs the model server's limit (make bench)"),
 }
 EMULATOR_HELP = "serve Ollama's HTTP API on loopback with fault injection"
