@@ -5,6 +5,7 @@ loopback, killed with SIGKILL like a machine that goes away."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -22,8 +23,8 @@ from ollama_pipeline.app.demo_library import add_media_rows
 from ollama_pipeline.core.config import settings_from_dict
 from ollama_pipeline.core.db.engine import init_db, make_engine
 from ollama_pipeline.core.errors import ConfigError
-from ollama_pipeline.core.hosts import Host, HostPool
-from ollama_pipeline.core.runner import Pipeline, run_stage
+from ollama_pipeline.core.hosts import BALANCE_EPSILON, Host, HostPool
+from ollama_pipeline.core.runner import Pipeline, run_items, run_stage
 from ollama_pipeline_tests.conftest import make_settings
 
 _URL = re.compile(r"http://127\.0\.0\.1:\d+")
@@ -184,6 +185,76 @@ def test_rendezvous_moves_only_the_items_of_a_host_that_leaves() -> None:
         assert up == (second[k] if k in moved else first[k])
     shares = Counter(pool([3, 1]).ranked(None, k)[0].index for k in keys)
     assert 0.70 < shares[0] / len(keys) < 0.80
+
+
+def _pool(weights: list[float]) -> HostPool:
+    return HostPool([Host(index=i, base_url=f"http://h{i}:1", weight=w, slots=1, models=None)
+                     for i, w in enumerate(weights)], probe=lambda h: True)
+
+
+def _bound(items: int, share: float) -> int:
+    return math.ceil((1 + BALANCE_EPSILON) * items * share)
+
+
+def test_a_runs_items_are_split_over_equal_hosts_within_the_bound() -> None:
+    """64 items over 2 and 4 equal hosts: no host gets more than ceil((1 + ε) × its share), every host
+    gets items, and the assignment is what later calls of those items are ranked by."""
+    keys = [str(i) for i in range(1, 65)]
+    for n in (2, 4):
+        pool = _pool([1.0] * n)
+        plan = pool.assign(keys)
+        counts = Counter(h.index for h in plan.values())
+        assert sum(counts.values()) == 64 and len(counts) == n
+        assert max(counts.values()) <= _bound(64, 1 / n)
+        assert all(pool.ranked(None, k)[0] is plan[k] for k in keys)
+        assert pool.assign(keys) == plan  # decided by the run's items alone: the same run, the same hosts
+
+
+def test_weights_are_respected_by_the_bounded_assignment() -> None:
+    """Weights 3:1 over 200 items: each host within ceil((1 + ε) × its weighted share), so the heavy host
+    takes about three quarters; a host of weight 0 gets nothing while another has room."""
+    keys = [str(i) for i in range(200)]
+    counts = Counter(h.index for h in _pool([3.0, 1.0]).assign(keys).values())
+    assert counts[0] <= _bound(200, 0.75) and counts[1] <= _bound(200, 0.25)
+    assert counts[0] + counts[1] == 200 and counts[0] >= 200 - _bound(200, 0.25)
+    assert set(Counter(h.index for h in _pool([1.0, 1.0, 0.0]).assign(keys).values())) == {0, 1}
+
+
+def test_an_assigned_items_calls_fail_over_in_rendezvous_order() -> None:
+    """When an item's assigned host is down its calls go to the first up host of its rendezvous order;
+    the hosts of other items do not change."""
+    pool = _pool([1.0, 1.0, 1.0])
+    keys = [str(i) for i in range(300)]
+    plan = pool.assign(keys)
+    moved = [k for k in keys if pool.ranked(None, k)[0].index != _pool([1.0, 1.0, 1.0]).ranked(None, k)[0].index]
+    assert moved  # some items were moved off their first choice by the bound
+    pool.hosts[0].up = False
+    for k in keys:
+        up = [h for h in pool.ranked(None, k) if h.up][0]
+        if plan[k].index != 0:
+            assert up is plan[k]
+        else:
+            rest = [h for h in _pool([1.0, 1.0, 1.0]).ranked(None, k) if h.index != 0]
+            assert up.index == rest[0].index
+
+
+def test_a_run_over_two_hosts_splits_its_items_evenly_and_keeps_each_items_calls_on_one_host(
+        tmp_path: Path, hosts) -> None:
+    """run_items over three vision stages and 32 items on two emulated hosts: each host serves three
+    calls for each of its items and no more than ceil((1 + ε) × 16) items; all written once."""
+    a, b = hosts("--parallel", "2"), hosts("--parallel", "2")
+    settings, ids = _library(tmp_path, a.base_url, 32, ollama__hosts=[
+        {"base_url": a.base_url, "parallel": 2}, {"base_url": b.base_url, "parallel": 2}])
+    pipeline = Pipeline.from_settings(settings)
+    stages = ["ollama_caption", "ollama_tags_normalize", "ollama_quality"]
+    outcomes = list(run_items(pipeline, stages, ids))
+    assert len(outcomes) == 96 and {o.status for o in outcomes} == {"written"}
+    items = Counter(pipeline.client.pool.ranked("llava:7b", str(i))[0].label for i in ids)
+    calls = {row["host"]: row["ok"] for row in pipeline.client.host_stats()}
+    assert calls == {host: 3 * n for host, n in items.items()}
+    assert len(items) == 2 and max(items.values()) <= _bound(32, 0.5)
+    succeeded = Counter((e["job_type"], e["media_id"]) for e in _events(settings.logs_dir, "stage_succeeded"))
+    assert len(succeeded) == 96 and set(succeeded.values()) == {1}
 
 
 def _host_metadata(home: Path, asset: str) -> list[list[dict[str, Any]]]:

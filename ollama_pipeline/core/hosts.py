@@ -4,6 +4,13 @@ once, which hosts are up, and what each has done.
 - **Stickiness.** A call names an affinity key (the media item); rendezvous hashing (weighted highest
   random weight) ranks the hosts that serve the model for that key, so an item's calls meet the same host
   and its prompt cache, and a host that leaves moves only its own items (to their second choice).
+- **Bounded loads.** Hashing alone shares a run's items unevenly (64 items over 2 hosts can split 28/36),
+  and the busiest host sets the run's wall time. A runner that knows its run's items calls `assign`
+  once per run: each item goes to its first rendezvous choice unless that host already holds
+  ceil((1 + ε) × its weighted fair share) of the run's items, then to its next choice ("consistent hashing
+  with bounded loads", Mirrokni, Thorup, Zadimoghaddam 2016). The assignment is decided once per item
+  and run; calls of an item without one (a queue job) use plain rendezvous. Failover is unchanged: the
+  assigned host comes first, then the others in rendezvous order.
 - **Slots.** A host serves at most `parallel` calls at once (Ollama does not report OLLAMA_NUM_PARALLEL, so
   it comes from the config). A call waits for a slot on its own host rather than spill to another (which
   would lose the prompt cache); runners keep about two calls per slot in flight, and hashing shares items
@@ -30,6 +37,10 @@ from ollama_pipeline.core.errors import NetworkError
 from ollama_pipeline.core.logs import redact_text
 
 RECHECK_S = 5.0
+# ε of the bounded loads: no host gets more than ceil((1 + ε) × its weighted share) of a run's items
+BALANCE_EPSILON = 0.05
+# assignments a pool remembers (a few runs' items); beyond it the table starts afresh
+MAX_ASSIGNED = 1_000_000
 
 
 def model_key(name: str) -> str:
@@ -107,17 +118,54 @@ class HostPool:
         self._cond = threading.Condition()
         self.started = clock()
         self.gate = gate
+        self._assigned: dict[tuple[tuple[int, ...], str], int] = {}
 
     @property
     def total_slots(self) -> int:
         return sum(h.slots for h in self.hosts)
 
     def ranked(self, model: str | None, affinity: str | None) -> list[Host]:
-        """Hosts serving the model, the affinity key's first choice first (config order without a key)."""
+        """Hosts serving the model, the affinity key's host first: its assigned host (`assign`), else its
+        first rendezvous choice; then the others in rendezvous order (config order without a key)."""
         serving = [h for h in self.hosts if h.serves(model)]
         if affinity is None or len(serving) < 2:
             return serving
-        return sorted(serving, key=lambda h: _score(affinity, h), reverse=True)
+        order = sorted(serving, key=lambda h: _score(affinity, h), reverse=True)
+        assigned = self._assigned.get((tuple(h.index for h in serving), affinity))
+        if assigned is not None and order[0].index != assigned:
+            order.sort(key=lambda h: h.index != assigned)  # stable: the rest keep their rendezvous order
+        return order
+
+    def assign(self, keys: Sequence[str], model: str | None = None, *,
+               epsilon: float = BALANCE_EPSILON) -> dict[str, Host]:
+        """Decide the host of each of a run's affinity keys, in order, with bounded loads: a key goes to
+        the first host in its rendezvous order (among the hosts serving the model, the up ones when any)
+        that holds fewer than ceil((1 + epsilon) × m × weight / total weight) keys, m counting this key.
+        Later calls with these keys go to that host first. Returns key -> host."""
+        serving = [h for h in self.hosts if h.serves(model)]
+        if len(serving) < 2:
+            return {k: serving[0] for k in keys} if serving else {}
+        group = tuple(h.index for h in serving)
+        with self._cond:
+            candidates = [h for h in serving if h.up] or serving
+        weights = {h.index: max(h.weight, 0.0) for h in candidates}
+        if not sum(weights.values()):
+            weights = dict.fromkeys(weights, 1.0)
+        share = {i: w / sum(weights.values()) for i, w in weights.items()}
+        load = dict.fromkeys(share, 0)
+        plan: dict[str, Host] = {}
+        for key in dict.fromkeys(keys):
+            m = len(plan) + 1
+            order = sorted(candidates, key=lambda h: _score(key, h), reverse=True)
+            host = next((h for h in order if load[h.index] < math.ceil((1 + epsilon) * m * share[h.index])),
+                        order[0])
+            load[host.index] += 1
+            plan[key] = host
+        with self._cond:
+            if len(self._assigned) + len(plan) > MAX_ASSIGNED:
+                self._assigned.clear()
+            self._assigned.update(((group, k), h.index) for k, h in plan.items())
+        return plan
 
     def pick(self, model: str | None) -> Host:
         """A host for a call that takes no slot (model lists, /api/show): the first up host serving it."""

@@ -392,7 +392,9 @@ class _ItemRun:
 
     def __init__(self, pipeline: Pipeline, stage: Stage, inputs: StageInputs, *, state: dict[str, Any] | None,
                  force: bool, model: str | None, job_id: int | None, run_id: str | None,
-                 problem: dict[str, Any] | None) -> None:
+                 problem: dict[str, Any] | None, shared: tuple[dict[int, Any], dict[int, str]] | None = None) -> None:
+        """shared: (sources, prepared images) of the item's other stages, so a file is read, decoded and
+        encoded once per item, not once per stage."""
         self.pipeline, self.stage, self.inputs = pipeline, stage, inputs
         self.state, self.force, self.job_id, self.run_id = state, force, job_id, run_id
         self.media_id = inputs.media.id
@@ -401,8 +403,8 @@ class _ItemRun:
         self.model = model or pipeline.model_for(stage)
         self.fingerprint: str | None = None
         self.current: Any = None  # the image being read or decoded, to tell the item's own file from another's
-        self.sources: dict[int, tuple[str, Path, bytes | None, str]] = {}
-        self.prepared: dict[int, str] = {}
+        self.sources: dict[int, tuple[str, Path, bytes | None, str]] = shared[0] if shared is not None else {}
+        self.prepared: dict[int, str] = shared[1] if shared is not None else {}
         self.requests: list[ModelRequest] = []
         self.options: OllamaOptions | None = None
         self.combinable = False
@@ -476,6 +478,17 @@ class _ItemRun:
         self.pipeline.warm_up(self.stage, self.model, job_id=self.job_id, run_id=self.run_id, media_id=self.media_id,
                               job_type=self.stage.job_type)  # once per model and host; not on this item's clock
         self.started += time.perf_counter() - loading
+
+    def preload(self) -> None:
+        """Decode and encode the images of this stage's requests now, before the item takes a slot; a
+        problem is left for `finish`, which meets it again and reports it."""
+        try:
+            for req in self.requests:
+                for ref in req.images:
+                    self.image_b64(ref)
+        except Exception:  # reported by finish
+            pass
+        self.current = None
 
     def image_b64(self, ref: Any) -> str:
         """The prepared (checked, downscaled, encoded) image of a request, once per item."""
@@ -586,6 +599,22 @@ def run_item_held(pipeline: Pipeline, stage: Stage, inputs: StageInputs, **kwarg
         return run_item(pipeline, stage, inputs, **kwargs)
 
 
+def spread_over_hosts(pipeline: Pipeline, ids: list[int], models: Iterable[str]) -> list[int]:
+    """With several hosts: decide each item's host for this run (core/hosts.py `assign`, bounded loads)
+    and order the items so the hosts' items interleave in proportion to their shares; then the calls in
+    flight at any moment are spread over every host, not queued behind one while another idles."""
+    pool = pipeline.client.pool
+    if len(pool.hosts) < 2 or len(ids) < 2:
+        return ids
+    keys = [str(i) for i in ids]
+    plans = [pool.assign(keys, m) for m in dict.fromkeys(models)]
+    mine: dict[int, list[int]] = {}
+    for media_id in ids:
+        mine.setdefault(plans[0][str(media_id)].index, []).append(media_id)
+    position = {media_id: (k + 0.5) / len(group) for group in mine.values() for k, media_id in enumerate(group)}
+    return sorted(ids, key=lambda i: position[i])
+
+
 def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], *, force: bool = False,
               concurrency: int | None = None, run_id: str | None = None, job_ids: dict[int, int] | None = None,
               chunk_size: int = 256, model: str | None = None,
@@ -597,7 +626,8 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
     items not tried by then come back as `untouched`, with nothing recorded for them. An item whose stored
     upstream result is a failure fails as upstream_failed.<stage> without a model call."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
-    ids = list(dict.fromkeys(int(i) for i in media_ids))
+    ids = spread_over_hosts(pipeline, list(dict.fromkeys(int(i) for i in media_ids)),
+                            [model or pipeline.model_for(stage)])
     workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
     if len(pipeline.client.pool.hosts) > 1:  # enough calls at once to fill every host's slots
         workers = max(workers, 2 * pipeline.client.pool.total_slots)
@@ -768,13 +798,40 @@ def _item_stages(pipeline: Pipeline, stages: Sequence[Stage], inputs: StageInput
                       run_id=run_id, problem=problem, blocked_by=upstream_of(stage), breaker=breaker),
              counted=True)  # run_item told the breaker
 
-    with pipeline.client.hold(str(media_id)):
+    shared: tuple[dict[int, Any], dict[int, str]] = ({}, {})
+    with pipeline.client.hold(str(media_id)):  # the slot is taken at the item's first call
         later: list[Stage] = []
         pending: list[_ItemRun] = []
+        if not combine:
+            # Prepare every stage that does not wait for another of them (plan, read, fingerprint, decode
+            # and encode the image: once per item) before the first call, so the item's slot, once taken,
+            # waits only on its calls and writes, not on this CPU work.
+            ready: dict[str, tuple[_ItemRun, float]] = {}
+            for stage in stages:
+                if set(stage.upstream) & names or stopped():
+                    continue
+                clock = time.perf_counter()
+                run = _ItemRun(pipeline, stage, inputs, state=states.get(stage.job_type), force=force, model=model,
+                               job_id=None, run_id=run_id, problem=problem, shared=shared)
+                done = run.prepare(upstream_of(stage))
+                if done is not None:
+                    note(done)
+                    continue
+                run.preload()
+                ready[stage.job_type] = (run, time.perf_counter() - clock)
+            for stage in stages:
+                if stage.job_type in outcomes:
+                    continue
+                if stage.job_type not in ready:
+                    run_alone(stage)
+                elif stopped():
+                    note(ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched"))
+                else:
+                    run, prep_s = ready[stage.job_type]
+                    run.started = time.perf_counter() - prep_s  # its wall time: its own work, not the wait
+                    note(run.finish())
+            return [outcomes[s.job_type] for s in stages]
         for stage in stages:
-            if not combine:
-                run_alone(stage)
-                continue
             if stage.model_kind != "vision" or set(stage.upstream) & names:
                 later.append(stage)
                 continue
@@ -782,10 +839,10 @@ def _item_stages(pipeline: Pipeline, stages: Sequence[Stage], inputs: StageInput
                 note(ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched"))
                 continue
             run = _ItemRun(pipeline, stage, inputs, state=states.get(stage.job_type), force=force, model=model,
-                           job_id=None, run_id=run_id, problem=problem)
-            ready = run.prepare(upstream_of(stage))
-            if ready is not None:
-                note(ready)
+                           job_id=None, run_id=run_id, problem=problem, shared=shared)
+            prepared = run.prepare(upstream_of(stage))
+            if prepared is not None:
+                note(prepared)
             elif run.combinable:
                 pending.append(run)
             else:
@@ -817,13 +874,15 @@ def run_items(pipeline: Pipeline, stages: Sequence[Stage | str], media_ids: Iter
     exclude: per job type, items not to run for it (the caller accounts for them). breaker as in
     run_stage: once open, the items not tried come back `untouched` for each of their stages."""
     order = [get_stage(s) if isinstance(s, str) else s for s in stages]
-    ids = list(dict.fromkeys(int(i) for i in media_ids))
+    ids = spread_over_hosts(pipeline, list(dict.fromkeys(int(i) for i in media_ids)),
+                            [model or pipeline.model_for(s) for s in order])
     exclude = exclude or {}
     skip = {s.job_type: set(exclude.get(s.job_type, ())) for s in order}
     breaker = breaker or CircuitBreaker(pipeline.settings.pipeline.circuit_breaker)
-    workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
-    if len(pipeline.client.pool.hosts) > 1:  # enough calls at once to fill every host's slots
-        workers = max(workers, 2 * pipeline.client.pool.total_slots)
+    # Two items per slot: while one holds the slot for its calls, the next is prepared (plan, read,
+    # fingerprint, decode and encode its image) and waits for the slot with its requests ready; the
+    # slots bound the calls, the workers bound the prepared images held in memory (one item each).
+    workers = max(1, concurrency or pipeline.settings.pipeline.concurrency, 2 * pipeline.client.pool.total_slots)
     window = max(workers * 4, 32)
     lock = threading.Lock()
     submitted = 0
