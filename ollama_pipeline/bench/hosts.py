@@ -10,6 +10,11 @@ Scenarios, each on a fresh copy of one library and fresh emulator processes with
   throughput against N × one host's; then 4 hosts with one killed (SIGKILL) at half of the calls: every
   item·stage written once, and what the dead host lost.
 
+Orchestration CPU (one host): this process's CPU seconds during the run (every thread; the emulators are
+other processes) against the modeled GPU seconds (target ≤ 2 %), and per item·stage beyond the raw
+client's CPU per call (a loop of prepared-image calls through `OllamaClient`, no database: measure.py's
+`raw_client_loop`), against that raw CPU per call (target ≤ 1.0 ×).
+
 The lower bound of the work on one host: every distinct image prefilled once per model, the output
 tokens decoded once, one load per model, all slots busy. Timing belongs here, never in the tests.
 """
@@ -102,13 +107,14 @@ def shaping(workdir: Path, *, items: int, profile: str, scale: float, stages: tu
             slots = max(1, int(info.get("num_parallel") or 4))
             settings = _settings(workdir, db, [emulator.base_url], slots=slots, combine=combine)
             with DagsterInstance.from_config(str(home)) as instance:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 summary = materialize_stages(settings, None, list(stages), instance, log_level="WARNING")
-                wall = time.perf_counter() - started
+                wall, cpu = time.perf_counter() - started, time.process_time() - cpu
             stats = emulator.stats()
         row = {"scenario": "shaping", "profile": profile, "combine_vision_stages": combine, "items": items,
                "stages": len(stages), "all_ok": summary.all_items_ok,
-               **_figures(stats, items, wall, scale, work_bound(stats, info))}
+               **_figures(stats, items, wall, scale, work_bound(stats, info)),
+               "cpu_s": round(cpu, 1), "cpu_to_gpu_busy": round(cpu / max(1e-9, stats["gpu_s"]["busy_s"]), 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -139,9 +145,9 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
             killer.start()
         for stage in {get_stage(j).model_kind: get_stage(j) for j in stages}.values():
             pipeline.warm_up(stage)  # loads every model on every host before the clock starts
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         outcomes = list(run_stages(pipeline, stages, ids))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         per_host = pipeline.client.host_stats()
         stats = [h.stats() if h.proc is not None and h.proc.poll() is None else None for h in hosts]
         bound = work_bound(stats[0], info) - sum(info["models"][m]["rates"][2] for m in stats[0]["models"]
@@ -151,6 +157,20 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
         succeeded = Counter((e["job_type"], e["media_id"]) for e in map(json.loads, log.read_text().splitlines())
                             if e.get("event") == "stage_succeeded" and e.get("run_id") is None)
         pipeline.client.close()
+        cpu_row: dict[str, Any] = {}
+        if n == 1 and stats[0] is not None:
+            from ollama_pipeline.bench.measure import raw_client_loop
+
+            calls = sum(r["ok"] for r in per_host)
+            sample = min(calls, 256)
+            _, raw_cpu, _, _ = raw_client_loop(settings, sample, slots)
+            raw_per_call = raw_cpu / max(1, sample)
+            orchestration = max(0.0, cpu - raw_per_call * calls) / expected
+            cpu_row = {"cpu_s": round(cpu, 1),
+                       "cpu_to_gpu_busy": round(cpu / max(1e-9, stats[0]["gpu_s"]["busy_s"]), 4),
+                       "raw_client_cpu_ms_per_call": round(raw_per_call * 1000, 2),
+                       "orchestration_cpu_ms_per_item_stage": round(orchestration * 1000, 2),
+                       "orchestration_to_raw_per_call": round(orchestration / max(1e-9, raw_per_call), 2)}
     finally:
         for h in hosts:
             h.__exit__()
@@ -163,7 +183,7 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
             "expected": expected, "written_once": all(v == 1 for v in succeeded.values()) and len(succeeded) == expected,
             "calls_per_host": [r["ok"] for r in per_host], "failed_per_host": [r["failed"] for r in per_host],
             "most_at_once": [s["max_inflight_seen"] if s else None for s in stats], "gpu_busy_s": modeled_busy,
-            "load1": round(os.getloadavg()[0], 1)}
+            **cpu_row, "load1": round(os.getloadavg()[0], 1)}
 
 
 def several_hosts(workdir: Path, *, items: int, profile: str, scale: float, stages: tuple[str, ...]) -> list[dict[str, Any]]:
