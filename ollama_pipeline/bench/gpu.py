@@ -124,8 +124,9 @@ def _run_peer(settings: Any, ids: list[int], concurrency: int) -> int:
     return failed
 
 
-def _lower_bound(stats: dict[str, Any], profile: dict[str, Any]) -> float:
-    """Distinct images prefilled once per model, the needed output decoded once, one load per model, on all slots."""
+def lower_bound(stats: dict[str, Any], profile: dict[str, Any]) -> float:
+    """Modeled seconds the work needs at least on one host: distinct images prefilled once per model, the needed
+    output (thinking excluded) decoded once, one load per model, all of its slots busy."""
     total = 0.0
     for name, row in stats["models"].items():
         info = profile["models"].get(name)
@@ -185,7 +186,7 @@ def gpu_bench(workdir: Path, *, items: int, time_scale: float, concurrency: int 
                 wall = time.perf_counter() - started
                 stats = emulator.stats()
             if pattern == "pipeline" or not bound:
-                bound = _lower_bound(stats, info)  # the work is the pipeline's; the peer does the same work
+                bound = lower_bound(stats, info)  # the work is the pipeline's; the peer does the same work
             rows.append(_row(profile, pattern, items, wall, time_scale, stats, bound, failed))
             r = rows[-1]
             print(f"  gpu {profile:<12} {pattern:<9} wall {r.wall_s:>8.1f} s  bound {r.lower_bound_s:>8.1f} s  "

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from ollama_pipeline.bench.gpu import lower_bound
 from ollama_pipeline.bench.harness import EmulatorProcess, bench_config, copy_sqlite_library, dagster_home
 from ollama_pipeline.core.config import settings_from_dict
 
@@ -62,19 +63,6 @@ def _settings(workdir: Path, db: Path, urls: list[str], *, slots: int, combine: 
     if len(urls) > 1:
         data["ollama"]["hosts"] = [{"base_url": u, "parallel": slots} for u in urls]
     return settings_from_dict(data)
-
-
-def work_bound(stats: dict[str, Any], profile: dict[str, Any]) -> float:
-    """Modeled seconds the work needs at least on one host (see the module docstring)."""
-    total = 0.0
-    for name, row in stats["models"].items():
-        info = profile["models"].get(name)
-        if info is None or not row.get("requests"):
-            continue
-        prefill_tps, decode_tps, load_s = info["rates"]
-        total += load_s + (row["distinct_image_tokens"] / prefill_tps
-                           + (row["output_tokens"] - row["thinking_tokens"]) / decode_tps) / max(1, info["parallel"])
-    return total
 
 
 def _figures(stats: dict[str, Any], items: int, wall: float, scale: float, bound: float) -> dict[str, Any]:
@@ -113,7 +101,7 @@ def shaping(workdir: Path, *, items: int, profile: str, scale: float, stages: tu
             stats = emulator.stats()
         row = {"scenario": "shaping", "profile": profile, "combine_vision_stages": combine, "items": items,
                "stages": len(stages), "all_ok": summary.all_items_ok,
-               **_figures(stats, items, wall, scale, work_bound(stats, info)),
+               **_figures(stats, items, wall, scale, lower_bound(stats, info)),
                "cpu_s": round(cpu, 1), "cpu_to_gpu_busy": round(cpu / max(1e-9, stats["gpu_s"]["busy_s"]), 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -150,7 +138,7 @@ def _run_on(workdir: Path, base: Path, ids: list[int], n: int, *, profile: str, 
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         per_host = pipeline.client.host_stats()
         stats = [h.stats() if h.proc is not None and h.proc.poll() is None else None for h in hosts]
-        bound = work_bound(stats[0], info) - sum(info["models"][m]["rates"][2] for m in stats[0]["models"]
+        bound = lower_bound(stats[0], info) - sum(info["models"][m]["rates"][2] for m in stats[0]["models"]
                                                  if stats[0]["models"][m].get("requests")) if n == 1 else None
         written = Counter((o.stage, o.media_id) for o in outcomes if o.status == "written")
         log = settings.logs_dir / "ollama_jobs.jsonl"
