@@ -24,7 +24,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db.models import Media, MediaMeta, OllamaStageResult, Prompt
-from ollama_pipeline.core.export import EXPORT_SCHEMA, default_export_path
+from ollama_pipeline.core.export import EXPORT_SCHEMA, EXPORT_SCHEMA_TEXT_IDS, default_export_path
 from ollama_pipeline.core.export_schema import ExportRecord, render
 from ollama_pipeline.core.report import LibraryReport, build_report, default_report_dir
 from ollama_pipeline.core.runner import run_stage
@@ -206,7 +206,7 @@ def test_report_of_twenty_thousand_items_is_exact(library: tuple[Settings, Engin
 
 def test_export_schema_file_is_current() -> None:
     """docs/export_schema.json is what the pydantic models generate, for the feed's current format."""
-    assert ExportRecord.model_fields["schema_"].annotation.__args__ == (EXPORT_SCHEMA,)
+    assert ExportRecord.model_fields["schema_"].annotation.__args__ == (EXPORT_SCHEMA, EXPORT_SCHEMA_TEXT_IDS)
     path = REPO / "docs" / "export_schema.json"
     assert path.read_text(encoding="utf-8") == render(), \
         "run: python -m ollama_pipeline.core.export_schema --write docs/export_schema.json"

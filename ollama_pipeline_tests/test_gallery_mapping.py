@@ -1,6 +1,8 @@
 """Galleries other than the pipeline's own schema, through the `library:` mapping: other table and column
 names with an upsert media_meta (SQLite), a PostgreSQL schema, and a gallery missing a required column,
-which every command refuses with the check-db report (exit code 2, no traceback)."""
+which every command refuses with the check-db report (exit code 2, no traceback). Two of them with text
+and UUID media ids run end to end through Dagster (`ollama-pipeline run`, the new-media sensor, the
+export feed in format v2)."""
 
 from __future__ import annotations
 
@@ -158,3 +160,263 @@ def test_a_gallery_missing_a_required_column_stops_every_command_with_the_report
         assert "library.columns.media.path: <the column that holds it>" in out
         assert "ALTER TABLE media ADD COLUMN path TEXT;" in out
         assert "Traceback" not in out
+
+
+# ---- text and UUID media ids, end to end through Dagster ------------------------------------------------
+
+# A gallery with text ids: prefixed tables, other column names, upsert media_meta (SQLite).
+TEXT_ID_SCHEMA = """
+CREATE TABLE pic_media (item_key TEXT PRIMARY KEY, file_path TEXT NOT NULL, kind TEXT, w INTEGER, h INTEGER,
+                        review_state TEXT, review_score REAL);
+CREATE TABLE pic_prompts (id INTEGER PRIMARY KEY, item_key TEXT NOT NULL, positive TEXT, negative TEXT,
+                          seed TEXT);
+CREATE TABLE pic_tags (id INTEGER PRIMARY KEY, label TEXT NOT NULL UNIQUE);
+CREATE TABLE pic_media_tags (item_key TEXT NOT NULL, tag_id INTEGER NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,
+                             score REAL, origin TEXT, PRIMARY KEY (item_key, tag_id));
+CREATE TABLE pic_media_meta (item_key TEXT NOT NULL, name TEXT NOT NULL, body TEXT, changed TEXT,
+                             PRIMARY KEY (item_key, name));
+"""
+TEXT_ID_MAPPING: dict[str, Any] = {
+    "prefix": "pic_",
+    "columns": {
+        "media": {"id": "item_key", "path": "file_path", "type": "kind", "width": "w", "height": "h",
+                  "quality_status": "review_state", "quality_score": "review_score"},
+        "prompts": {"media_id": "item_key", "prompt": "positive", "negative_prompt": "negative"},
+        "tags": {"name": "label"},
+        "media_tags": {"media_id": "item_key", "locked": "pinned", "confidence": "score"},
+        "media_meta": {"media_id": "item_key", "key": "name", "value": "body", "updated_at": "changed"},
+    },
+    "tag_origin_column": "origin",
+}
+TEXT_IDS = ["0042", "beach-07", "fox-01"]  # "0042" stays text: never the integer 42
+
+# A gallery in its own PostgreSQL schema whose ids are UUIDs; media_meta an append-only log.
+UUID_SCHEMA = """
+CREATE TABLE {s}.media (id UUID PRIMARY KEY, path TEXT NOT NULL, type TEXT, quality_status TEXT,
+                        quality_score DOUBLE PRECISION);
+CREATE TABLE {s}.prompts (id SERIAL PRIMARY KEY, media_id UUID NOT NULL REFERENCES {s}.media (id), prompt TEXT,
+                          negative_prompt TEXT, seed TEXT);
+CREATE TABLE {s}.media_meta (id SERIAL PRIMARY KEY, media_id UUID NOT NULL REFERENCES {s}.media (id),
+                             key TEXT NOT NULL, value TEXT, source TEXT, created_at TIMESTAMP);
+"""
+UUIDS = ["0b8f6a1e-5d2c-4c7e-9a51-2f0d3b7c9e11", "5f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9",
+         "c3d2e1f0-a9b8-4c7d-8e6f-5a4b3c2d1e0f"]
+STAGE_COUNT = 8
+
+
+def _twin_images(root: Path, names: list[str]) -> None:
+    """Small PNGs; the first two alike, so the duplicate stage has a candidate to compare."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        color = (200, 80, 40) if i < 2 else (i * 70 % 256, 90, 160)
+        image = Image.new("RGB", (48, 36), color)
+        image.paste((20, 20, 20), (4 + (i % 2), 4, 20, 20))
+        image.save(root / name)
+
+
+def _cli(config: Path, *argv: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(["--config", str(config), *argv])
+    return code, out.getvalue() + err.getvalue()
+
+
+def _end_to_end(config: Path, settings: Settings, ids: list[str], add_media: Callable[[], list[str]],
+                stage_results: Callable[[], list[tuple[Any, str, str]]], emulator: Any, tmp_path: Path) -> None:
+    """init-db, an 8-stage `run` through Dagster, the new-media sensor and its run, an unchanged re-run
+    (0 model calls), `run --media` with listed ids and a refused range, the export feed (v2, string ids)."""
+    from dagster import DagsterInstance, Definitions, build_sensor_context, in_process_executor
+
+    from ollama_pipeline.core.export import EXPORT_SCHEMA_TEXT_IDS
+    from ollama_pipeline.core.export_schema import ExportRecord
+    from ollama_pipeline.core.partitioning import Partitioning
+    from ollama_pipeline.definitions import defs
+    from ollama_pipeline.defs.assets import all_assets
+    from ollama_pipeline.defs.partitions import MEDIA_PARTITIONS_NAME
+    from ollama_pipeline.defs.resources import PipelineResource
+    from ollama_pipeline.defs.sensors import new_media_sensor
+
+    code, out = _cli(config, "check-db")
+    assert code == 0 and "ids: " in out, out
+    assert _cli(config, "init-db")[0] == 0
+    code, out = _cli(config, "run")
+    assert code == 0, out
+    results = stage_results()
+    assert len(results) == len(ids) * STAGE_COUNT and {r[2] for r in results} == {"ok"}, results
+    assert {r[0] for r in results} == set(ids)
+
+    with DagsterInstance.get() as instance:  # the CLI's instance ($DAGSTER_HOME under tmp_path)
+        assert all(key.startswith("h") for key in instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME))
+        new = add_media()
+        resources = {"pipeline": PipelineResource.for_settings(settings)}
+        tick = new_media_sensor(build_sensor_context(instance=instance, definitions=defs, resources=resources))
+        assert tick.skip_reason is None and len(tick.run_requests) == 1, tick.skip_reason
+        request = tick.run_requests[0]
+        assert sorted(request.run_config["ops"]["ollama_library"]["config"]["media_keys"]) == sorted(new)
+        buckets = {Partitioning(size=settings.pipeline.partition_size).key_of(i) for i in new}
+        assert buckets <= set(instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME))
+        job = Definitions(assets=all_assets, resources=resources,
+                          executor=in_process_executor).resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(instance=instance, asset_selection=request.asset_selection,
+                                        run_config=request.run_config, tags=request.tags, raise_on_error=False)
+        assert result.success
+        assert sorted(r[0] for r in stage_results() if r[2] == "ok") == sorted([*ids, *new] * STAGE_COUNT)
+        again = new_media_sensor(build_sensor_context(instance=instance, definitions=defs, resources=resources))
+        assert not again.run_requests and again.skip_reason is not None
+
+    calls = emulator.stats()["model_calls"]
+    code, out = _cli(config, "run")
+    assert code == 0 and emulator.stats()["model_calls"] == calls, out  # unchanged: no model call
+    code, out = _cli(config, "run", "--media", f"{ids[0]},{ids[1]}", "--stages", "caption", "--force")
+    assert code == 0 and emulator.stats()["model_calls"] == calls + 2, out
+    code, out = _cli(config, "run", "--media", "1-5")
+    assert code == 2 and "ranges apply to integer ids" in out and "Traceback" not in out, out
+
+    feed = tmp_path / "feed.jsonl"
+    assert _cli(config, "export", "--out", str(feed))[0] == 0
+    lines = [json.loads(line) for line in feed.read_text(encoding="utf-8").splitlines()]
+    assert [line["media_id"] for line in lines] == sorted([*ids, *new])
+    assert {line["schema"] for line in lines} == {EXPORT_SCHEMA_TEXT_IDS}
+    assert all(len(line["stages"]) == STAGE_COUNT for line in lines)
+    for line in lines:
+        ExportRecord.model_validate(line)
+    duplicates = lines[[line["media_id"] for line in lines].index(ids[0])]["ollama"]["ollama.duplicate_assist"]
+    candidates = [c["media_id"] for c in duplicates["candidates"]]
+    assert ids[1] in candidates and all(isinstance(c, str) for c in candidates)
+
+
+def _new_files(root: Path, count: int) -> list[str]:
+    names = [f"new_{i}.png" for i in range(count)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 40), (30 + 90 * i, 200, 60)).save(root / name)
+    return names
+
+
+def test_text_ids_in_a_prefixed_sqlite_gallery_run_end_to_end_through_dagster(
+        tmp_path: Path, settings_factory: Callable[..., Settings], emulator: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text ids, prefixed tables, other column names: 8 stages through Dagster, 0 calls on re-run, the
+    sensor's new rows, string ids in the export feed v2 and in the duplicate candidates."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    db = tmp_path / "text_ids.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(TEXT_ID_SCHEMA)
+    files = [f"{key}.png" for key in TEXT_IDS]
+    _twin_images(tmp_path / "media", files)
+    for key, name in zip(TEXT_IDS, files, strict=True):
+        con.execute("INSERT INTO pic_media (item_key, file_path, kind, w, h) VALUES (?, ?, 'image', 48, 36)",
+                    (key, name))
+        con.execute("INSERT INTO pic_prompts (item_key, positive, negative, seed) VALUES (?, 'a red square', "
+                    "'blurry', '77')", (key,))
+    con.commit()
+    settings = settings_factory(f"sqlite:///{db}", library=TEXT_ID_MAPPING)
+    config = _config(tmp_path, settings)
+
+    def add_media() -> list[str]:
+        keys = ["zebra-9", "ant-3"]
+        for key, name in zip(keys, _new_files(settings.media_root, 2), strict=True):
+            con.execute("INSERT INTO pic_media (item_key, file_path, kind) VALUES (?, ?, 'image')", (key, name))
+        con.commit()
+        return keys
+
+    def stage_results() -> list[tuple[Any, str, str]]:
+        return con.execute("SELECT media_id, stage, status FROM ollama_stage_results WHERE stage != 'media'").fetchall()
+
+    _end_to_end(config, settings, TEXT_IDS, add_media, stage_results, emulator, tmp_path)
+    assert con.execute("SELECT DISTINCT typeof(media_id) FROM ollama_stage_results").fetchall() == [("text",)]
+    assert con.execute("SELECT body FROM pic_media_meta WHERE item_key = '0042' AND name = 'ollama.caption'"
+                       ).fetchone() is not None
+    con.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_uuid_ids_in_a_postgresql_schema_run_end_to_end_through_dagster(
+        db_url: str, tmp_path: Path, settings_factory: Callable[..., Settings], emulator: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """UUID ids in a PostgreSQL schema: 8 stages through Dagster, 0 calls on re-run, the sensor's new
+    rows, uuid columns in the pipeline's tables, string ids in the export feed v2."""
+    import uuid
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    schema = "gallery_uuid"
+    admin = create_engine(db_url)
+    files = [f"u{i}.png" for i in range(len(UUIDS))]
+    _twin_images(tmp_path / "media", files)
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        for statement in UUID_SCHEMA.format(s=schema).split(";"):
+            if statement.strip():
+                conn.execute(text(statement))
+        for media_id, name in zip(UUIDS, files, strict=True):
+            conn.execute(text(f"INSERT INTO {schema}.media (id, path, type) VALUES (:i, :p, 'image')"),
+                         {"i": media_id, "p": name})
+            conn.execute(text(f"INSERT INTO {schema}.prompts (media_id, prompt, negative_prompt, seed) "
+                              "VALUES (:i, 'a red square', 'blurry', '77')"), {"i": media_id})
+    try:
+        settings = settings_factory(db_url, library={"schema": schema})
+        config = _config(tmp_path, settings)
+
+        def add_media() -> list[str]:
+            keys = [str(uuid.uuid4()) for _ in range(2)]
+            with admin.begin() as conn:
+                for key, name in zip(keys, _new_files(settings.media_root, 2), strict=True):
+                    conn.execute(text(f"INSERT INTO {schema}.media (id, path, type) VALUES (:i, :p, 'image')"),
+                                 {"i": key, "p": name})
+            return keys
+
+        def stage_results() -> list[tuple[Any, str, str]]:
+            with admin.connect() as conn:
+                return [(str(r[0]), r[1], r[2]) for r in conn.execute(text(
+                    "SELECT media_id, stage, status FROM ollama_stage_results WHERE stage != 'media'"))]
+
+        _end_to_end(config, settings, sorted(UUIDS), add_media, stage_results, emulator, tmp_path)
+        with admin.connect() as conn:
+            types = set(conn.execute(text(
+                "SELECT data_type FROM information_schema.columns WHERE table_schema = 'public' AND "
+                "column_name = 'media_id' AND table_name LIKE 'ollama_%'")).scalars())
+            assert types == {"uuid"}
+            assert conn.execute(text(f"SELECT count(DISTINCT media_id) FROM {schema}.media_meta WHERE "
+                                     "key = 'ollama.caption' AND source = 'ollama'")).scalar() == len(UUIDS) + 2
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        admin.dispose()
+
+
+def test_migration_0003_gives_the_pipeline_tables_text_media_ids_of_a_text_id_gallery(tmp_path: Path) -> None:
+    """Pipeline tables made at revision 0002 (integer media_id) beside a text-id gallery: init-db upgrades
+    them to text columns, keeps their rows and the queue's one-active-job index."""
+    from alembic import command
+
+    from ollama_pipeline.core.db.engine import make_engine
+    from ollama_pipeline.core.db.migrations import alembic_config, current_revision, head_revision
+
+    db = tmp_path / "upgrade.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(TEXT_ID_SCHEMA)
+    con.close()
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn, gallery_fk=False), "0002")
+        conn.execute(text("INSERT INTO ollama_jobs (job_type, media_id, payload, status, priority, attempts, "
+                          "max_attempts, created_at, updated_at) VALUES ('ollama_caption', 'fox-01', '{}', "
+                          "'queued', 0, 0, 3, '2026-01-01', '2026-01-01')"))
+    settings_library = {**TEXT_ID_MAPPING}
+    from ollama_pipeline.core.config import LibraryConfig
+
+    init_db(engine, LibraryConfig.model_validate(settings_library))
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+        types = {row[0]: row[1] for row in conn.execute(text(
+            "SELECT m.name, p.type FROM sqlite_master m JOIN pragma_table_info(m.name) p "
+            "WHERE m.type = 'table' AND m.name LIKE 'ollama_%' AND p.name = 'media_id'"))}
+        assert set(types) == {"ollama_jobs", "ollama_stage_results", "ollama_media_index", "ollama_values",
+                              "ollama_tag_links"} and set(types.values()) == {"VARCHAR(255)"}
+        assert conn.execute(text("SELECT media_id FROM ollama_jobs")).scalar() == "fox-01"
+        index = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'uq_ollama_jobs_active'")).scalar()
+        assert index is not None and "WHERE" in index
+    engine.dispose()

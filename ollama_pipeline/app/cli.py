@@ -169,13 +169,14 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if health.ok else 2
 
 
-def selected_media_ids(settings: Settings, spec: str | None) -> list[int] | None:
-    """The media ids of `--media SPEC` that exist in the library (None: every item); the one parser."""
-    from ollama_pipeline.core.db.engine import make_engine
-    from ollama_pipeline.core.selection import parse_media_selection
+def selected_media_ids(settings: Settings, spec: str | None) -> list[int | str] | None:
+    """The media ids of `--media SPEC` that exist in the library (None: every item); the one parser
+    (ranges for integer ids; text and UUID ids listed one by one)."""
+    from ollama_pipeline.core.db.engine import engine_for_settings
+    from ollama_pipeline.core.selection import parse_for_library
 
-    selection = parse_media_selection(spec, default_all=True)
-    engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    engine = engine_for_settings(settings)
+    selection = parse_for_library(spec, engine, default_all=True)
     check = selection.check(engine)
     if check.note():
         print(check.note(), file=sys.stderr)

@@ -19,8 +19,8 @@ from ollama_pipeline.core.errors import ValidationError
 from ollama_pipeline.core.queue.models import JOB_STATUSES, Job, JobOutcome, ProcessSummary
 from ollama_pipeline.core.selection import (
     non_negative_int,
+    parse_for_library,
     parse_job_types,
-    parse_media_selection,
     positive_int,
 )
 
@@ -81,9 +81,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             raise ValidationError("usage: enqueue JOB_TYPE MEDIA [MEDIA ...] (or --all-stages MEDIA ...); "
                                   "media: 7, 1-500, 3,5,9 or all", code="validation.payload")
         job_types = parse_job_types(targets.pop(0))
-    selection = parse_media_selection(targets)
     payload = _payload(args)
     pipeline = _pipeline(args)
+    selection = parse_for_library(targets, pipeline.engine)
 
     def show(result: Any) -> None:
         print(f"{result.status} job {result.job_id}: {result.job_type} for media {result.media_id}")
@@ -190,8 +190,9 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     from ollama_pipeline.core.queue.store import list_jobs
 
     job_type = parse_job_types(args.type)[0] if args.type is not None else None
-    media = parse_media_selection(args.media) if args.media is not None else None
-    jobs = list_jobs(_reaped(_pipeline(args)), status=args.status, job_type=job_type, media_id=media,
+    pipeline = _pipeline(args)
+    media = parse_for_library(args.media, pipeline.engine) if args.media is not None else None
+    jobs = list_jobs(_reaped(pipeline), status=args.status, job_type=job_type, media_id=media,
                      limit=args.limit)
     if args.json:
         print(json.dumps([_job_dict(j) for j in jobs], indent=2))

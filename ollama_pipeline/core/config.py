@@ -153,6 +153,9 @@ class LibraryConfig(_Strict):
     prefix: str = Field(default="", description="Prefix of every gallery table name (e.g. 'gal_').")
     tables: dict[str, str] = Field(default_factory=dict, description="logical table -> table name")
     columns: dict[str, dict[str, str]] = Field(default_factory=dict, description="table -> logical -> column")
+    id_type: Literal["auto", "integer", "text", "uuid"] = Field(
+        default="auto", description="Type of media.id: integer (blocks of ids as partitions, ranges in --media), "
+        "text or uuid (hash-bucket partitions, ids listed one by one); auto: from the reflected column type.")
     media_meta_layout: Literal["auto", "upsert", "append_log"] = "auto"
     value_format: Literal["auto", "json", "localsupervisor"] = "auto"
     values: dict[str, Literal["json", "text"]] = Field(

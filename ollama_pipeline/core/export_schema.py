@@ -64,10 +64,14 @@ class ExportRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, title="ollama_pipeline export record")
 
-    schema_: Literal["ollama_pipeline.core.export/v1"] = Field(  # = export.EXPORT_SCHEMA (a test holds them equal)
-        alias="schema", description="Format and major version of this line. A reader should refuse a "
-        "major version it does not know.")
-    media_id: int = Field(description="`media.id` of the gallery database; unique in a feed, ascending.")
+    schema_: Literal["ollama_pipeline.core.export/v1", "ollama_pipeline.core.export/v2"] = Field(
+        # = export.EXPORT_SCHEMA, export.EXPORT_SCHEMA_TEXT_IDS (a test holds them equal)
+        alias="schema", description="Format and major version of this line: v1 for a gallery with integer "
+        "media ids, v2 for text or UUID ids (then `media_id` and the duplicate candidates' ids are strings). "
+        "A reader should refuse a major version it does not know.")
+    media_id: int | str = Field(description="`media.id` of the gallery database; unique in a feed, ascending. "
+                                "v1: an integer; v2: a string (a text id, or a UUID in lower-case canonical "
+                                "form).")
     path: str = Field(description="`media.path`: the file's path relative to the media root, as stored.")
     hash: str | None = Field(description="`media.hash` as the gallery stores it.")
     type: str = Field(description="`media.type`, e.g. `image`.")

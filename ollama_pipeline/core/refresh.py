@@ -17,6 +17,7 @@ from sqlalchemy import exists, or_, select
 
 from ollama_pipeline.core.db.engine import read_connection
 from ollama_pipeline.core.db.models import OllamaJob, OllamaStageResult
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.queue.store import ACTIVE_STATUSES
 from ollama_pipeline.core.runner import Pipeline
 from ollama_pipeline.core.stages.base import Stage
@@ -28,11 +29,11 @@ class RefreshItems(BaseModel):
     job_type: str
     version: str
     model: str
-    stale: list[int] = Field(default_factory=list, description="ok results of another stage version or model")
-    retryable: list[int] = Field(default_factory=list, description="last result failed with a retryable error")
+    stale: list[MediaId] = Field(default_factory=list, description="ok results of another stage version or model")
+    retryable: list[MediaId] = Field(default_factory=list, description="last result failed with a retryable error")
 
     @property
-    def media_ids(self) -> list[int]:
+    def media_ids(self) -> list[MediaId]:
         """Every candidate once, ascending."""
         return sorted({*self.stale, *self.retryable})
 

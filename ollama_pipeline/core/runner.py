@@ -33,6 +33,7 @@ from ollama_pipeline.core.errors import (
     OllamaPipelineError,
     ValidationError,
 )
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.images import (
     check_media_type,
     encode_prepared,
@@ -44,6 +45,7 @@ from ollama_pipeline.core.images import (
 from ollama_pipeline.core.injection import answer_repeats_instruction, instruction_targets, strings_of
 from ollama_pipeline.core.jsontext import canonical_json, sha256_json
 from ollama_pipeline.core.logs import PipelineLogs
+from ollama_pipeline.core.selection import as_library_ids
 from ollama_pipeline.core.shaping import stage_order
 from ollama_pipeline.core.stages import get_stage
 from ollama_pipeline.core.stages.base import (
@@ -152,7 +154,7 @@ class Pipeline:
 class ItemOutcome(BaseModel):
     """What happened to one media item in one stage."""
 
-    media_id: int
+    media_id: MediaId
     stage: str
     status: Literal["written", "unchanged", "skipped", "failed", "untouched"]
     reason: str | None = None  # why a skipped item was not run: unsupported_media_type, file_missing, ...
@@ -626,7 +628,7 @@ def run_stage(pipeline: Pipeline, stage: Stage | str, media_ids: Iterable[int], 
     items not tried by then come back as `untouched`, with nothing recorded for them. An item whose stored
     upstream result is a failure fails as upstream_failed.<stage> without a model call."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
-    ids = spread_over_hosts(pipeline, list(dict.fromkeys(int(i) for i in media_ids)),
+    ids = spread_over_hosts(pipeline, as_library_ids(pipeline.engine, media_ids),
                             [model or pipeline.model_for(stage)])
     workers = max(1, concurrency or pipeline.settings.pipeline.concurrency)
     if len(pipeline.client.pool.hosts) > 1:  # enough calls at once to fill every host's slots
@@ -874,7 +876,7 @@ def run_items(pipeline: Pipeline, stages: Sequence[Stage | str], media_ids: Iter
     exclude: per job type, items not to run for it (the caller accounts for them). breaker as in
     run_stage: once open, the items not tried come back `untouched` for each of their stages."""
     order = [get_stage(s) if isinstance(s, str) else s for s in stages]
-    ids = spread_over_hosts(pipeline, list(dict.fromkeys(int(i) for i in media_ids)),
+    ids = spread_over_hosts(pipeline, as_library_ids(pipeline.engine, media_ids),
                             [model or pipeline.model_for(s) for s in order])
     exclude = exclude or {}
     skip = {s.job_type: set(exclude.get(s.job_type, ())) for s in order}
@@ -953,7 +955,7 @@ def run_stages(pipeline: Pipeline, job_types: Iterable[str], media_ids: Iterable
     order = [get_stage(j) for j in stage_order(job_types)]
     vision = [s for s in order if s.model_kind == "vision"]
     text = [s for s in order if s.model_kind == "text"]
-    ids = list(dict.fromkeys(int(i) for i in media_ids))
+    ids = as_library_ids(pipeline.engine, media_ids)
     if vision and ids:
         yield from run_items(pipeline, vision, ids, force=force, concurrency=concurrency, run_id=run_id,
                              chunk_size=chunk_size)

@@ -2,7 +2,9 @@
 `jobs list --media`, the job API), and the SQL that resolves a selection against the library.
 
 A selection is `all`, ids (`7`), ranges (`1-500`) and lists of them (`3,5,9,20-40`). Ranges apply to
-integer ids; a library whose ids are text lists them one by one. Nothing here materializes a range:
+integer ids; a library whose ids are text or UUIDs (`library.id_type`) lists them one by one, and a range
+there is a usage error (exit code 2). Ids are resolved against the gallery's media table as discovered
+(core.db.gallery: its prefix, schema and column names). Nothing here materializes a range:
 a selection is a few bounds and the ids that were typed, and it is resolved in SQL, page by page, so
 `1-20000000` costs what the matching rows cost. Every bad value is a `ValidationError`
 (`validation.payload`, or `validation.media_missing` for ids the library does not have) with a one-line
@@ -19,6 +21,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, false, func, or_, select, true
 
 from ollama_pipeline.core.errors import ValidationError
+from ollama_pipeline.core.ids import IdType, normalize_uuid
 
 # SQLite's and PostgreSQL's BIGINT: an id beyond it cannot exist in either.
 MAX_ID = 2**63 - 1
@@ -74,14 +77,13 @@ class MediaSelection:
 
     def iter_ids(self, conn_or_engine: Connection | Engine, *, page: int = PAGE) -> Iterator[Any]:
         """The library's media ids in the selection, ascending, read `page` rows at a time (keyset paging)."""
-        from ollama_pipeline.core.db.models import Media
-
+        media_id = media_id_column(conn_or_engine)
         last: Any = None
         while True:
-            q = select(Media.id).where(self.where(Media.id))
+            q = select(media_id).where(self.where(media_id))
             if last is not None:
-                q = q.where(Media.id > last)
-            q = q.order_by(Media.id).limit(page)
+                q = q.where(media_id > last)
+            q = q.order_by(media_id).limit(page)
             rows = _scalars(conn_or_engine, q)
             yield from rows
             if len(rows) < page:
@@ -102,13 +104,13 @@ class MediaSelection:
     def check(self, conn_or_engine: Connection | Engine) -> SelectionCheck:
         """Validate against the library: listed ids it lacks are an error (`validation.media_missing`), so
         is a selection with no media at all; ids a range names but the library lacks are only counted."""
-        from ollama_pipeline.core.db.models import Media
-
-        found = int(_scalars(conn_or_engine, select(func.count()).select_from(Media).where(self.where(Media.id)))[0])
+        media_id = media_id_column(conn_or_engine)
+        found = int(_scalars(conn_or_engine, select(func.count()).select_from(media_id.table)
+                             .where(self.where(media_id)))[0])
         missing: list[Any] = []
         for start in range(0, len(self.ids), _IN_CHUNK):
             chunk = self.ids[start:start + _IN_CHUNK]
-            have = set(_scalars(conn_or_engine, select(Media.id).where(Media.id.in_(chunk))))
+            have = set(_scalars(conn_or_engine, select(media_id).where(media_id.in_(chunk))))
             missing.extend(i for i in chunk if i not in have)
         if missing:
             shown = ", ".join(str(i) for i in missing[:_SHOWN]) + (f" and {len(missing) - _SHOWN} more"
@@ -139,6 +141,40 @@ class SelectionCheck:
                 f"{self.found:,} media item(s) selected")
 
 
+def media_id_column(conn_or_engine: Connection | Engine) -> Any:
+    """The id column of the gallery's media table, as discovered for this engine (with its mapping)."""
+    from ollama_pipeline.core.db.gallery import require_gallery
+
+    engine = conn_or_engine.engine if isinstance(conn_or_engine, Connection) else conn_or_engine
+    return require_gallery(engine)["media"].c("id")
+
+
+def id_type(conn_or_engine: Connection | Engine) -> IdType:
+    """integer, text or uuid: the type of the gallery's media ids (library.id_type, else reflected)."""
+    from ollama_pipeline.core.db.gallery import require_gallery
+
+    engine = conn_or_engine.engine if isinstance(conn_or_engine, Connection) else conn_or_engine
+    return require_gallery(engine).id_type
+
+
+def as_library_ids(engine: Engine, ids: Iterable[Any]) -> list[Any]:
+    """The ids as the gallery's type (int for integer ids, str for text and UUID ids), duplicates dropped,
+    in order; an id of the wrong type is a `validation.payload` error."""
+    integer = id_type(engine) == "integer"
+    out: list[Any] = []
+    for value in ids:
+        if integer:
+            if isinstance(value, bool):
+                raise _bad(f"media ids of this library are integers, got {value!r}")
+            try:
+                out.append(int(value))
+            except (TypeError, ValueError):
+                raise _bad(f"media ids of this library are integers, got {value!r}") from None
+        else:
+            out.append(str(value))
+    return list(dict.fromkeys(out))
+
+
 def _scalars(conn_or_engine: Connection | Engine, query: Any) -> list[Any]:
     if isinstance(conn_or_engine, Connection):
         return list(conn_or_engine.execute(query).scalars())
@@ -157,13 +193,16 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def parse_media_selection(spec: str | Iterable[str] | None, *, integer_ids: bool = True,
-                          default_all: bool = False) -> MediaSelection:
+                          default_all: bool = False, kind: IdType | None = None) -> MediaSelection:
     """Parse `7`, `1-500`, `3,5,9`, `all` (or several such arguments) into a MediaSelection.
 
     None means "not given": `all` when default_all, else an error. An empty or blank value is always an
-    error (never "everything"). With integer_ids=False the library's ids are text: each token is one id
-    and ranges are refused.
+    error (never "everything"). With integer_ids=False (or kind text/uuid) the library's ids are text: each
+    token is one id and ranges are refused; with kind uuid every token must be a UUID (kept in its
+    canonical lower-case form).
     """
+    if kind is not None:
+        integer_ids = kind == "integer"
     if spec is None:
         if default_all:
             return MediaSelection(everything=True, text="all")
@@ -182,7 +221,13 @@ def parse_media_selection(spec: str | Iterable[str] | None, *, integer_ids: bool
             return MediaSelection(everything=True, text="all")
         if not integer_ids:
             if _RANGE.fullmatch(token):
-                raise _bad(f"{token!r}: ranges apply to integer ids; this library's ids are text: list them")
+                raise _bad(f"{token!r}: ranges apply to integer ids; this library's ids are "
+                           f"{'UUIDs' if kind == 'uuid' else 'text'}: list them (a,b,c) or give all")
+            if kind == "uuid":
+                canonical = normalize_uuid(token)
+                if canonical is None:
+                    raise _bad(f"{token!r} is not a UUID; this library's media ids are UUIDs")
+                token = canonical
             listed.append(token)
             continue
         if _INT.fullmatch(token):
@@ -204,6 +249,14 @@ def parse_media_selection(spec: str | Iterable[str] | None, *, integer_ids: bool
     else:
         ids = list(dict.fromkeys(listed))
     return MediaSelection(ranges=tuple(merged), ids=tuple(ids), text=text)
+
+
+def parse_for_library(spec: str | Iterable[str] | None, engine: Engine, *,
+                      default_all: bool = False) -> MediaSelection:
+    """parse_media_selection for this engine's gallery: its id type decides whether ranges apply."""
+    if spec is None and default_all:
+        return MediaSelection(everything=True, text="all")
+    return parse_media_selection(spec, default_all=default_all, kind=id_type(engine))
 
 
 def selection_of_ids(ids: Iterable[Any]) -> MediaSelection:

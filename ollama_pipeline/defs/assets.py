@@ -56,13 +56,14 @@ from dagster import (
     multi_asset,
 )
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import func, null, select
 
 from ollama_pipeline.core.backfill import SELECTION_TAG, selection_members
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.gallery import require_gallery
-from ollama_pipeline.core.db.models import Media, OllamaStageResult
+from ollama_pipeline.core.db.models import OllamaStageResult
 from ollama_pipeline.core.errors import OllamaPipelineError, ValidationError
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.images import (
     check_media_type,
     dhash,
@@ -101,6 +102,8 @@ class StageRunConfig(Config):
                               "stage (set by queued_jobs_sensor from a job payload's `model`).")
     media_ids: list[int] | None = Field(default=None, description="Only these items of the run's partitions "
                                         "(`ollama-pipeline run --media`, the refresh schedule); default: all.")
+    media_keys: list[str] | None = Field(default=None, description="As media_ids, for a gallery whose ids are "
+                                         "text or UUIDs (`library.id_type`).")
     batch: str | None = Field(default=None, max_length=128, description="Set by queued_jobs_sensor: the run "
                               "processes the queued jobs claimed under this name and records their end states.")
 
@@ -161,7 +164,7 @@ def stage_spec(stage: Stage) -> AssetSpec:
 class MediaIndexOutcome(BaseModel):
     """What happened to one media file: indexed, unchanged, skipped (size and mtime unchanged), failed."""
 
-    media_id: int
+    media_id: MediaId
     status: Status
     reason: str | None = None  # why a skipped file was not indexed (unsupported_media_type, file_missing, ...)
     content_sha256: str | None = None
@@ -218,13 +221,14 @@ def _index_file(pipeline: Pipeline, media: Any, known: dict[str, Any] | None, pr
 def index_media(pipeline: Pipeline, media_ids: Iterable[int], *, force: bool = False,
                 workers: int = 4) -> Iterator[MediaIndexOutcome]:
     """Check, decode and hash the files of media items; upsert `ollama_media_index` (one write per chunk)."""
-    ids = list(dict.fromkeys(int(i) for i in media_ids))
+    ids = list(dict.fromkeys(media_ids))
+    m = require_gallery(pipeline.engine)["media"]
+    columns = [m.c(name).label(name) if m.has(name) else null().label(name) for name in ("id", "path", "type", "hash")]
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="media-index") as pool:
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
             with pipeline.engine.connect() as conn:
-                rows_by_id = {r.id: r for r in conn.execute(
-                    select(Media.id, Media.path, Media.type, Media.hash).where(Media.id.in_(chunk)))}
+                rows_by_id = {r.id: r for r in conn.execute(select(*columns).where(m.c("id").in_(chunk)))}
             paths = {i: r.path for i, r in rows_by_id.items()}
             known = repository.media_index(pipeline.engine, chunk)
             problems = repository.stage_states(pipeline.engine, repository.MEDIA_STAGE, chunk)
@@ -432,13 +436,14 @@ def _item_ids(context: AssetExecutionContext, pipeline: Pipeline, config: StageR
     selection_id = context.run.tags.get(SELECTION_TAG)
     if claimed is not None:
         ids = [job.media_id for job in claimed]
-    elif config.media_ids is not None:
+    elif config.media_ids is not None or config.media_keys is not None:
         wanted = set(keys)
-        ids = [i for i in dict.fromkeys(config.media_ids) if partitioning.key_of(i) in wanted]
+        listed: list[MediaId] = [*(config.media_ids or ()), *(config.media_keys or ())]
+        ids = [i for i in dict.fromkeys(listed) if partitioning.key_of(i) in wanted]
     elif selection_id is not None:
-        ids = [int(i) for i in selection_members(pipeline.engine, selection_id, keys, partitioning)]
+        ids = list(selection_members(pipeline.engine, selection_id, keys, partitioning))
     else:
-        ids = [int(i) for i in partitioning.media_ids(pipeline.engine, keys)]
+        ids = list(partitioning.media_ids(pipeline.engine, keys))
     grouped = {key: [] for key in keys}
     for media_id in ids:
         grouped.setdefault(partitioning.key_of(media_id), []).append(media_id)

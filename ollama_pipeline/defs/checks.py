@@ -82,7 +82,7 @@ class StoredAnswers:
     """The stored values of one stage's keys for the items whose last run of the stage succeeded."""
 
     ok_items: int
-    values: dict[str, list[tuple[int, str | None]]] = field(default_factory=dict)  # key -> (media_id, text)
+    values: dict[str, list[tuple[Any, str | None]]] = field(default_factory=dict)  # key -> (media_id, text)
 
 
 def load_answers(engine: Engine, stage: Stage) -> StoredAnswers:
@@ -98,7 +98,7 @@ def load_answers(engine: Engine, stage: Stage) -> StoredAnswers:
                  .join(OllamaStageResult, and_(OllamaStageResult.media_id == vt.c.media_id, ok))
                  .where(vt.c.key.in_(stage.writes)).order_by(vt.c.media_id))
         for key, media_id, value in conn.execute(query):
-            answers.values[key].append((int(media_id), value))
+            answers.values[key].append((media_id, value))
     return answers
 
 

@@ -32,7 +32,8 @@ from dagster import (
     asset,
 )
 
-from ollama_pipeline.core.export import EXPORT_SCHEMA, write_export
+from ollama_pipeline.core.db.gallery import require_gallery
+from ollama_pipeline.core.export import EXPORT_SCHEMA, export_schema_for, write_export
 from ollama_pipeline.core.report import (
     REPORT_FORMAT,
     SECTIONS,
@@ -89,7 +90,7 @@ def ollama_export(context: AssetExecutionContext, pipeline: PipelineResource) ->
     return MaterializeResult(
         metadata={"path": MetadataValue.path(str(path)), "items": MetadataValue.int(items),
                   "bytes": MetadataValue.int(size), "sha256": MetadataValue.text(digest),
-                  "schema": MetadataValue.text(EXPORT_SCHEMA)},
+                  "schema": MetadataValue.text(export_schema_for(require_gallery(pipeline.pipeline().engine).id_type))},
         data_version=DataVersion(digest))
 
 

@@ -120,11 +120,15 @@ def job_ids_tag(ids: Sequence[int]) -> str:
 
 
 def stage_run_config(*, force: bool = False, model: str | None = None, batch: str | None = None,
-                     media_ids: list[int] | None = None) -> dict[str, Any]:
-    """Run config of `ollama_library` for a stage run (model only when a job overrides it)."""
+                     media_ids: list[int | str] | None = None) -> dict[str, Any]:
+    """Run config of `ollama_library` for a stage run (model only when a job overrides it); text and UUID
+    ids go as `media_keys` (a Dagster config field has one type)."""
+    listed: dict[str, Any] = {}
+    if media_ids is not None:
+        integer = all(isinstance(i, int) for i in media_ids)
+        listed = {"media_ids": media_ids} if integer else {"media_keys": [str(i) for i in media_ids]}
     config: dict[str, Any] = {"force": force, **({"model": model} if model else {}),
-                              **({"batch": batch} if batch else {}),
-                              **({"media_ids": media_ids} if media_ids is not None else {})}
+                              **({"batch": batch} if batch else {}), **listed}
     return {"ops": {LIBRARY_OP: {"config": config}}}
 
 
@@ -288,7 +292,7 @@ def refresh_tick(instance: DagsterInstance, core: Pipeline, *, tick: datetime | 
         reason = f"stale={len(items.stale)},retryable_failed={len(items.retryable)}"
         groups = partitioning.group(items.media_ids)
         for start, end in contiguous_ranges(ordered, groups):
-            ids = [int(i) for key, members in groups.items() if position[start] <= position[key] <= position[end]
+            ids = [i for key, members in groups.items() if position[start] <= position[key] <= position[end]
                    for i in members]
             requests.append(RunRequest(
                 run_key=f"refresh-{items.job_type}-{start}-{end}-{stamp}", asset_selection=[AssetKey(items.job_type)],

@@ -18,8 +18,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from ollama_pipeline.core.config import Settings
-from ollama_pipeline.core.db.models import Media
+from ollama_pipeline.core.db.gallery import require_gallery
 from ollama_pipeline.core.errors import NetworkError, ValidationError
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.defs.assets import LIBRARY_OP, MEDIA, all_assets, ordered_stages
 from ollama_pipeline.defs.orphans import fail_orphan_runs
@@ -103,7 +104,7 @@ def _resource(settings: Settings | str | Path | None) -> PipelineResource:
     return PipelineResource(config_path=str(settings) if settings is not None else None)
 
 
-def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterable[int] | None,
+def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterable[MediaId] | None,
                        stages: Sequence[str] | None, instance: DagsterInstance, *, force: bool = False,
                        concurrency: int | None = None, include_media: bool = True,
                        log_level: str = "INFO") -> MaterializeSummary:
@@ -124,11 +125,15 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
                            "started. Start Ollama (or the emulator) or fix ollama.base_url, then run again.",
                            code="network.unavailable")
     partitioning = Partitioning(size=pipeline.settings.pipeline.partition_size)
+    gallery = require_gallery(pipeline.engine)
     if media_ids is None:
+        media_id = gallery["media"].c("id")
         with pipeline.engine.connect() as conn:
-            ids = list(conn.execute(select(Media.id).order_by(Media.id)).scalars())
-    else:
+            ids: list[MediaId] = list(conn.execute(select(media_id).order_by(media_id)).scalars())
+    elif gallery.integer_ids:
         ids = sorted({int(i) for i in media_ids})
+    else:
+        ids = sorted({str(i) for i in media_ids})
     names = resolve_asset_names(stages, include_media=include_media)
     summary = MaterializeSummary(assets=names, items=len(ids), reaped=reaped)
     if not ids:
@@ -140,8 +145,8 @@ def materialize_stages(settings: Settings | str | Path | None, media_ids: Iterab
     job = defs.resolve_implicit_global_asset_job_def()
     selection = [AssetKey(name) for name in names]
     config: dict[str, object] = {"force": force, "concurrency": concurrency}
-    if media_ids is not None:
-        config["media_ids"] = ids
+    if media_ids is not None:  # a Dagster config field has one type: text and UUID ids go as media_keys
+        config["media_ids" if gallery.integer_ids else "media_keys"] = ids
     run_config = {"ops": {LIBRARY_OP: {"config": config}},
                   "loggers": {"console": {"config": {"log_level": log_level}}}}
     counts: dict[str, Counter[str]] = {name: Counter() for name in names}

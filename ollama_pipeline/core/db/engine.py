@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from ollama_pipeline.core.config import LibraryConfig
 from ollama_pipeline.core.db.models import GALLERY_TABLES, Base
+from ollama_pipeline.core.ids import IdType, column_type
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -57,19 +58,33 @@ def get_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
         return engine
 
 
-def _without_gallery_keys(table: Table, metadata: MetaData) -> Table:
+def _without_gallery_keys(table: Table, metadata: MetaData, media_id_type: IdType = "integer",
+                          dialect: str = "sqlite") -> Table:
     """A copy of one of the pipeline's tables without foreign keys into the gallery (whose media table
-    has another name or schema)."""
-    copy = Table(table.name, metadata, *[Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+    has another name or schema, or ids of another type), its `media_id` of the gallery's id type."""
+    id_sql = column_type(media_id_type, dialect)
+    copy = Table(table.name, metadata, *[Column(c.name, id_sql if c.name == "media_id" else c.type,
+                                                primary_key=c.primary_key, nullable=c.nullable)
                                          for c in table.columns])
     for ix in table.indexes:
         Index(ix.name, *[copy.c[c.name] for c in ix.columns], unique=bool(ix.unique), **ix.dialect_kwargs)
     return copy
 
 
-def migrate_own_tables(engine: Engine, *, gallery_fk: bool = True) -> str | None:
+def _create(engine_or_conn: Any, tables: list[Table], *, gallery_fk: bool, media_id_type: IdType,
+            dialect: str) -> None:
+    if gallery_fk and media_id_type == "integer":
+        Base.metadata.create_all(engine_or_conn, tables=tables, checkfirst=True)
+    else:
+        metadata = MetaData()
+        metadata.create_all(engine_or_conn, checkfirst=True, tables=[
+            _without_gallery_keys(t, metadata, media_id_type, dialect) for t in tables])
+
+
+def migrate_own_tables(engine: Engine, *, gallery_fk: bool = True, media_id_type: IdType = "integer") -> str | None:
     """Create or upgrade the pipeline's own tables with the numbered Alembic migrations; returns the
-    revision the database was at before (None: never migrated, e.g. made by create_all before)."""
+    revision the database was at before (None: never migrated, e.g. made by create_all before).
+    media_id_type: the gallery's id type, which the pipeline's `media_id` columns take (migration 0005)."""
     from ollama_pipeline.core.db.migrations import (
         alembic_config,
         current_revision,
@@ -81,11 +96,7 @@ def migrate_own_tables(engine: Engine, *, gallery_fk: bool = True) -> str | None
     if not existing & set(MIGRATED_TABLES):  # a fresh database: the models' tables at head, then stamp
         own = [Base.metadata.tables[t] for t in MIGRATED_TABLES if t in Base.metadata.tables]
         with engine.begin() as conn:
-            if gallery_fk:
-                Base.metadata.create_all(conn, tables=own)
-            else:
-                metadata = MetaData()
-                metadata.create_all(conn, tables=[_without_gallery_keys(t, metadata) for t in own])
+            _create(conn, own, gallery_fk=gallery_fk, media_id_type=media_id_type, dialect=engine.dialect.name)
             from ollama_pipeline.core.db.optional import ADDED
 
             ADDED.create(conn, checkfirst=True)
@@ -97,17 +108,13 @@ def migrate_own_tables(engine: Engine, *, gallery_fk: bool = True) -> str | None
         missing = [Base.metadata.tables[t] for t in MIGRATED_TABLES if t in Base.metadata.tables
                    and t not in existing]
         if missing:  # at head, but a table was dropped by hand: made again as the models say
-            if gallery_fk:
-                Base.metadata.create_all(engine, tables=missing, checkfirst=True)
-            else:
-                metadata = MetaData()
-                metadata.create_all(engine, tables=[_without_gallery_keys(t, metadata) for t in missing],
-                                    checkfirst=True)
+            _create(engine, missing, gallery_fk=gallery_fk, media_id_type=media_id_type,
+                    dialect=engine.dialect.name)
         return before
     from alembic import command
 
     with engine.begin() as conn:
-        command.upgrade(alembic_config(conn, gallery_fk=gallery_fk), "head")
+        command.upgrade(alembic_config(conn, gallery_fk=gallery_fk, media_id_type=media_id_type), "head")
     return before
 
 
@@ -125,16 +132,17 @@ def init_db(engine: Engine, library: LibraryConfig | None = None) -> list[str]:
     if not gallery_present and plain:
         gallery = [t for name, t in Base.metadata.tables.items() if name in GALLERY_TABLES]
         Base.metadata.create_all(engine, tables=gallery, checkfirst=True)
-    migrate_own_tables(engine, gallery_fk=plain)
+    id_type: IdType = "integer"
+    if gallery_present:
+        from ollama_pipeline.core.db.gallery import discover
+
+        id_type = discover(engine, library).id_type
+    migrate_own_tables(engine, gallery_fk=plain, media_id_type=id_type)
     # Tables of the pipeline that no migration names yet are made as the models say.
     others = [t for name, t in Base.metadata.tables.items()
               if name not in GALLERY_TABLES and name not in MIGRATED_TABLES]
     if others:
-        if plain:
-            Base.metadata.create_all(engine, tables=others, checkfirst=True)
-        else:
-            metadata = MetaData()
-            metadata.create_all(engine, tables=[_without_gallery_keys(t, metadata) for t in others], checkfirst=True)
+        _create(engine, others, gallery_fk=plain, media_id_type=id_type, dialect=engine.dialect.name)
     forget(engine)
     now = set(inspect(engine).get_table_names())
     return [t for t in [*Base.metadata.tables, "ollama_added_columns"] if t not in existing and t in now]

@@ -20,11 +20,12 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Column, Engine, MetaData, Table, inspect, select
+from sqlalchemy import Column, Engine, MetaData, Table, Uuid, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ollama_pipeline.core.config import LibraryConfig
 from ollama_pipeline.core.errors import PersistenceError, ValidationError
+from ollama_pipeline.core.ids import IdType, id_type_of
 
 LOCALSUPERVISOR = "localsupervisor"
 PIPELINE = "pipeline"
@@ -163,8 +164,9 @@ class CheckReport:
                 continue
             lines.append(f"  {info['physical']}: reads {', '.join(info['reads']) or '-'}; "
                          f"writes {', '.join(info['writes']) or '-'}")
-            extra = [f"{k}: {v}" for k, v in (("layout", info.get("layout")), ("unique", info.get("unique")),
-                                               ("defaults", info.get("defaults")), ("collations", info.get("collations")),
+            ids = info.get("id_type") if info.get("id_type") != "integer" else None
+            extra = [f"{k}: {v}" for k, v in (("ids", ids), ("layout", info.get("layout")),
+                                               ("unique", info.get("unique")), ("defaults", info.get("defaults")), ("collations", info.get("collations")),
                                                ("tag links", info.get("origin")),
                                                ("quality_status", info.get("quality_status_vocabulary"))) if v]
             if extra:
@@ -213,6 +215,11 @@ class Gallery:
     tag_unique: tuple[str, ...]
     tag_origin: str | None  # the media_tags column that says who made a link, when the gallery has one
     report: CheckReport
+    id_type: IdType = "integer"  # of media.id: integer, text or uuid (library.id_type, else reflected)
+
+    @property
+    def integer_ids(self) -> bool:
+        return self.id_type == "integer"
 
     def t(self, name: str) -> GalleryTable | None:
         return self.tables.get(name)
@@ -238,6 +245,12 @@ def _detect_profile(engine: Engine, names: set[str], schema: str | None) -> str:
         except SQLAlchemyError:
             pass
     return PIPELINE
+
+
+def _uuid_as_text(_inspector: Any, _table: Table, column: dict[str, Any]) -> None:
+    """Reflect UUID columns so their values are canonical text (a media id is an int or a str)."""
+    if id_type_of(column["type"]) == "uuid":
+        column["type"] = Uuid(as_uuid=False)
 
 
 def _unique_sets(insp: Any, table: str, schema: str | None) -> list[tuple[str, ...]]:
@@ -287,7 +300,8 @@ def discover(engine: Engine, library: LibraryConfig) -> Gallery:
                 fix=f"map it with `{mapping}`" + (" or run `ollama-pipeline init-db` on an empty database"
                                                   if spec.required else "")))
             continue
-        table = Table(physical, metadata, autoload_with=engine, schema=schema)
+        table = Table(physical, metadata, autoload_with=engine, schema=schema,
+                      listeners=[("column_reflect", _uuid_as_text)])
         info["present"] = True
         physical_cols = {c.name: c for c in table.columns}
         mapped = {**profile_cols.get(spec.name, {}), **library.columns.get(spec.name, {})}
@@ -379,12 +393,21 @@ def discover(engine: Engine, library: LibraryConfig) -> Gallery:
     if quality_map:
         report.tables["media"]["quality_status_vocabulary"] = quality_map
     text_keys = frozenset(k for k, v in library.values.items() if v == "text")
+    media = tables.get("media")
+    id_type: IdType = "integer"
+    if library.id_type != "auto":
+        id_type = library.id_type
+    elif media is not None and media.has("id"):
+        id_type = id_type_of(media.c("id").type)
+    if media is not None:
+        report.tables["media"]["id_type"] = id_type + (
+            "" if id_type == "integer" else " (partitions are hash buckets; --media lists ids, no ranges)")
     for name, info in report.tables.items():
         if info.get("present"):
             report.findings.append(Finding("ok", name, None, "present"))
     return Gallery(profile=profile, dialect=engine.dialect.name, tables=tables, meta_layout=layout,
                    value_format=value_format, text_keys=text_keys, quality_map=quality_map, tag_unique=tag_unique,
-                   tag_origin=origin, report=report)
+                   tag_origin=origin, report=report, id_type=id_type)
 
 
 _lock = threading.Lock()

@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ollama_pipeline.core.ids import MediaIdType
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
@@ -157,7 +159,7 @@ class OllamaJob(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_type: Mapped[str] = mapped_column(String(64))
-    media_id: Mapped[int] = mapped_column(Integer, index=True)
+    media_id: Mapped[int] = mapped_column(MediaIdType, index=True)
     payload: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed|cancelled
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -181,7 +183,7 @@ class OllamaStageResult(Base):
 
     __tablename__ = "ollama_stage_results"
 
-    media_id: Mapped[int] = mapped_column(ForeignKey("media.id", ondelete="CASCADE"), primary_key=True)
+    media_id: Mapped[int] = mapped_column(MediaIdType, ForeignKey("media.id", ondelete="CASCADE"), primary_key=True)
     stage: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))  # ok | failed
     fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -208,7 +210,7 @@ class OllamaMediaIndex(Base):
 
     __tablename__ = "ollama_media_index"
 
-    media_id: Mapped[int] = mapped_column(ForeignKey("media.id", ondelete="CASCADE"), primary_key=True)
+    media_id: Mapped[int] = mapped_column(MediaIdType, ForeignKey("media.id", ondelete="CASCADE"), primary_key=True)
     content_sha256: Mapped[str] = mapped_column(String(64))
     dhash: Mapped[str | None] = mapped_column(String(16), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -225,7 +227,7 @@ class OllamaValue(Base):
 
     __tablename__ = "ollama_values"
 
-    media_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    media_id: Mapped[int] = mapped_column(MediaIdType, primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str | None] = mapped_column(Text)
     written: Mapped[str | None] = mapped_column(Text)
@@ -238,7 +240,7 @@ class OllamaTagLink(Base):
 
     __tablename__ = "ollama_tag_links"
 
-    media_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    media_id: Mapped[int] = mapped_column(MediaIdType, primary_key=True)
     tag_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -287,4 +289,4 @@ class OllamaBackfillItem(Base):
     __tablename__ = "ollama_backfill_items"
 
     selection_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    media_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    media_id: Mapped[int] = mapped_column(MediaIdType, primary_key=True)

@@ -188,7 +188,7 @@ def meta_values(conn: Connection, g: Gallery, media_ids: list[int] | None = None
     """The current media_meta text per item and key (newest row per key in an append-only log)."""
     out: dict[int, dict[str, str | None]] = {}
     for r in conn.execute(_meta_latest(g, media_ids, keys)).mappings():
-        out.setdefault(int(r["media_id"]), {})[r["key"]] = r["value"]
+        out.setdefault(int(r["media_id"]) if g.integer_ids else r["media_id"], {})[r["key"]] = r["value"]
     return out
 
 

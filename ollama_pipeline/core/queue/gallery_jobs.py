@@ -50,6 +50,7 @@ from sqlalchemy import Connection, Engine, MetaData, Table, func, insert, inspec
 from ollama_pipeline.core.db import repository
 from ollama_pipeline.core.db.gallery import LOCALSUPERVISOR, require_gallery
 from ollama_pipeline.core.errors import PersistenceError, QueueLimitError, ValidationError
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.queue.models import JOB_STATUSES, EnqueueResult, Job, QueueCounts, validate_payload
 
 # LocalSupervisor job type -> this pipeline's stage (job type of the seed)
@@ -85,7 +86,7 @@ class GalleryJobOutcome(BaseModel):
     """One processed job of `gallery-jobs process`, in LocalSupervisor's words (status done/error/queued)."""
 
     job_id: int
-    media_id: int
+    media_id: MediaId
     job_type: str
     status: str  # done | error | queued (retry later)
     item_status: str | None = None

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from ollama_pipeline.core.errors import ValidationError
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.jsontext import loads_or_none
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -78,7 +79,7 @@ class Job(BaseModel):
 
     id: int
     job_type: str
-    media_id: int
+    media_id: MediaId
     payload: dict[str, Any] = Field(default_factory=dict)
     status: str
     priority: int = 0
@@ -116,14 +117,14 @@ class EnqueueResult(BaseModel):
     job_id: int
     status: Literal["queued", "deduplicated"]
     job_type: str
-    media_id: int
+    media_id: MediaId
 
 
 class JobOutcome(BaseModel):
     """What `process_ollama_job` did with one job."""
 
     job_id: int
-    media_id: int | None = None
+    media_id: MediaId | None = None
     job_type: str | None = None
     claimed: bool = Field(description="False when the job was not claimable (done, failed, running elsewhere).")
     status: str = Field(description="The job's status afterwards: done, queued (retry), failed, running, ...")

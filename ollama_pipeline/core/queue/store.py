@@ -60,7 +60,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from ollama_pipeline.core.db import repository
-from ollama_pipeline.core.db.models import Media, OllamaJob
+from ollama_pipeline.core.db.gallery import require_gallery
+from ollama_pipeline.core.db.models import OllamaJob
 from ollama_pipeline.core.errors import (
     OllamaPipelineError,
     PersistenceError,
@@ -209,15 +210,21 @@ def enqueue_ollama(pipeline: Pipeline, job_type: str, media_id: int, payload: di
         return result
     started = time.perf_counter()
     parsed = validate_payload(job_type, payload)
-    if isinstance(media_id, bool) or not isinstance(media_id, int) or media_id < 1:
-        raise ValidationError(f"media_id must be a positive integer, got {media_id!r}", code="validation.payload")
+    gallery = require_gallery(pipeline.engine)
+    media = gallery["media"]
+    if gallery.integer_ids:
+        if isinstance(media_id, bool) or not isinstance(media_id, int) or media_id < 1:
+            raise ValidationError(f"media_id must be a positive integer, got {media_id!r}", code="validation.payload")
+    elif not isinstance(media_id, str) or not media_id:
+        raise ValidationError(f"media_id must be a text id of this library, got {media_id!r}",
+                              code="validation.payload")
     model = _model_for(pipeline, job_type, parsed)
     max_attempts = pipeline.settings.ollama.retry.max_attempts
 
     def work(conn: Connection) -> tuple[int, bool, str]:
         if conn.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(literal(_ENQUEUE_LOCK_KEY))))
-        if conn.execute(select(Media.id).where(Media.id == media_id)).first() is None:
+        if conn.execute(select(media.c("id")).where(media.c("id") == media_id)).first() is None:
             raise ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
         # The active job can finish between a refused insert and the select: then insert again.
         for _ in range(5):

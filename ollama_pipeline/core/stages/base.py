@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.injection import neutralize, strings_of
 from ollama_pipeline.core.jsontext import canonical_json, sha256_json
 
@@ -34,7 +35,7 @@ SYSTEM_PROMPT = (
 
 
 class MediaRow(BaseModel):
-    id: int
+    id: MediaId
     path: str
     type: str | None = None
     width: int | None = None
@@ -71,7 +72,7 @@ class ScanRow(BaseModel):
 
 
 class DuplicateCandidate(BaseModel):
-    media_id: int
+    media_id: MediaId
     path: str
     found_by: list[str]  # "dhash" (perceptual hash within the threshold), "seed_prompt" (same seed and prompt)
     distance: int | None = None  # dHash Hamming distance, when both files have one
@@ -172,7 +173,7 @@ class StageResult(BaseModel):
 class ImageRef:
     """An image to send: a media row's path (read and checked by the runner)."""
 
-    media_id: int
+    media_id: MediaId
     path: str
 
 

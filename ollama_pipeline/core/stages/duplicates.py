@@ -8,6 +8,8 @@ model call and stores an empty candidate list.
 
 `ollama.duplicate_assist` = {"candidates": [{media_id, relation, confidence, reason, found_by,
 dhash_distance}], "best": the most confident duplicate/variant or null, "checked": n, "method": {...}}.
+A candidate's `media_id` has the gallery's id type: an integer, or a string for text and UUID ids
+(prompt version duplicates-v3, export format v2; docs/export_format.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ollama_pipeline.core.errors import OllamaPipelineError
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.images import resolve_media_path
 from ollama_pipeline.core.stages.base import (
     DuplicateCandidate,
@@ -83,12 +86,25 @@ class _Universe:
         return out
 
 
+def _index_stamp(engine: Any) -> tuple[Any, ...]:
+    """Rows and newest change of ollama_media_index: differs as soon as the media asset indexed a file."""
+    from sqlalchemy import func, select
+
+    from ollama_pipeline.core.db.models import OllamaMediaIndex
+
+    with engine.connect() as conn:
+        return tuple(conn.execute(select(func.count(), func.max(OllamaMediaIndex.updated_at))).one())
+
+
 def _universe(pipeline: Any) -> _Universe:
+    """The candidate index, reused by one process for UNIVERSE_TTL_S while the media index is unchanged
+    (a run right after another one in the same process sees the files its own media asset indexed)."""
     from ollama_pipeline.core.db import repository
 
+    stamp = _index_stamp(pipeline.engine)
     cached = pipeline._cache.get("duplicate_universe")
-    if cached is None or time.monotonic() - cached[0] > UNIVERSE_TTL_S:
-        cached = (time.monotonic(), _Universe(repository.iter_dhash_pages(pipeline.engine)))
+    if cached is None or time.monotonic() - cached[0] > UNIVERSE_TTL_S or cached[2] != stamp:
+        cached = (time.monotonic(), _Universe(repository.iter_dhash_pages(pipeline.engine)), stamp)
         pipeline._cache["duplicate_universe"] = cached
     return cached[1]
 
@@ -134,7 +150,7 @@ def batch_candidates(pipeline: Any, media_ids: list[Any], limit: int) -> dict[An
             for media_id, mine in found.items()}
 
 
-def enrich_duplicates(pipeline: Any, inputs: dict[int, StageInputs]) -> None:
+def enrich_duplicates(pipeline: Any, inputs: dict[MediaId, StageInputs]) -> None:
     """The closest candidates of each item; a candidate whose file is gone (deleted since it was indexed,
     or outside the media root) cannot be compared and is passed over, so the item does not fail for it."""
     limit = pipeline.settings.pipeline.duplicate_candidates
@@ -168,8 +184,8 @@ def combine_duplicates(stage: Stage, inputs: StageInputs, answers: dict[str, Bas
                      "found_by": sorted(cand.found_by), "dhash_distance": cand.distance})
     rows.sort(key=lambda r: r["media_id"])
     related = [r for r in rows if r["relation"] != "different"]
-    best = max(related, key=lambda r: (r["relation"] == "duplicate", r["confidence"], -r["media_id"]),
-               default=None)
+    # ties: the lowest id wins (max keeps the first of the rows, which are in ascending id order)
+    best = max(related, key=lambda r: (r["relation"] == "duplicate", r["confidence"]), default=None)
     value = {"candidates": rows, "best": None if best is None else {k: best[k] for k in
                                                                        ("media_id", "relation", "confidence")},
              "checked": len(rows),
@@ -185,7 +201,7 @@ DUPLICATES = Stage(
     "duplicate / variant / different with confidence. No candidates, no model call.",
     model_kind="vision",
     inputs=("image", "prompt"),
-    prompt_version="duplicates-v2",
+    prompt_version="duplicates-v3",  # v3: candidate media_id is the gallery's id (integer, or text/UUID string)
     template=PAIR_TEMPLATE,
     output_schema=PairAnswer,
     writes=("ollama.duplicate_assist",),

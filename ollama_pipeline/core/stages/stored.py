@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from ollama_pipeline.core.ids import MediaId
+
 
 class _Value(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -66,7 +68,8 @@ class QualityValue(_Value):
 
 
 class DuplicateCandidateValue(_Value):
-    media_id: int
+    media_id: MediaId = Field(description="The candidate's media id: an integer, or a string for a gallery "
+                              "with text or UUID ids (since duplicates-v3; export format v2).")
     relation: Literal["duplicate", "variant", "different"]
     confidence: float = Field(ge=0, le=1)
     reason: str
@@ -75,7 +78,7 @@ class DuplicateCandidateValue(_Value):
 
 
 class DuplicateBest(_Value):
-    media_id: int
+    media_id: MediaId
     relation: Literal["duplicate", "variant"]
     confidence: float = Field(ge=0, le=1)
 

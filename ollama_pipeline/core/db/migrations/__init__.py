@@ -18,11 +18,13 @@ VERSION_TABLE = "ollama_alembic_version"
 HERE = Path(__file__).resolve().parent
 
 
-def alembic_config(connection: Connection | None = None, *, gallery_fk: bool = True) -> Config:
+def alembic_config(connection: Connection | None = None, *, gallery_fk: bool = True,
+                   media_id_type: str = "integer") -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.attributes["connection"] = connection
     cfg.attributes["gallery_fk"] = gallery_fk  # foreign keys to media.id only when the gallery's media is `media`
+    cfg.attributes["media_id_type"] = media_id_type  # the gallery's media.id: integer, text or uuid (0005)
     return cfg
 
 
