@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from ollama_pipeline.app.cli import main as cli_main
-from ollama_pipeline.core.config import Settings
+from ollama_pipeline.core.config import LibraryConfig, Settings
 from ollama_pipeline.core.db.engine import init_db
 from ollama_pipeline.core.export import export_records
 from ollama_pipeline.core.runner import Pipeline, run_stage
@@ -252,7 +252,8 @@ def _end_to_end(config: Path, settings: Settings, ids: list[str], add_media: Cal
         assert all(key.startswith("h") for key in instance.get_dynamic_partitions(MEDIA_PARTITIONS_NAME))
         new = add_media()
         resources = {"pipeline": PipelineResource.for_settings(settings)}
-        tick = new_media_sensor(build_sensor_context(instance=instance, definitions=defs, resources=resources))
+        with build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+            tick = new_media_sensor(context)
         assert tick.skip_reason is None and len(tick.run_requests) == 1, tick.skip_reason
         request = tick.run_requests[0]
         assert sorted(request.run_config["ops"]["ollama_library"]["config"]["media_keys"]) == sorted(new)
@@ -264,7 +265,8 @@ def _end_to_end(config: Path, settings: Settings, ids: list[str], add_media: Cal
                                         run_config=request.run_config, tags=request.tags, raise_on_error=False)
         assert result.success
         assert sorted(r[0] for r in stage_results() if r[2] == "ok") == sorted([*ids, *new] * STAGE_COUNT)
-        again = new_media_sensor(build_sensor_context(instance=instance, definitions=defs, resources=resources))
+        with build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+            again = new_media_sensor(context)
         assert not again.run_requests and again.skip_reason is not None
 
     calls = emulator.stats()["model_calls"]
@@ -387,9 +389,9 @@ def test_uuid_ids_in_a_postgresql_schema_run_end_to_end_through_dagster(
         admin.dispose()
 
 
-def test_migration_0003_gives_the_pipeline_tables_text_media_ids_of_a_text_id_gallery(tmp_path: Path) -> None:
+def test_migration_0005_gives_the_pipeline_tables_text_media_ids_of_a_text_id_gallery(tmp_path: Path) -> None:
     """Pipeline tables made at revision 0002 (integer media_id) beside a text-id gallery: init-db upgrades
-    them to text columns, keeps their rows and the queue's one-active-job index."""
+    them (0005) to text columns, keeps their rows and the queue's one-active-job index."""
     from alembic import command
 
     from ollama_pipeline.core.db.engine import make_engine
@@ -405,17 +407,14 @@ def test_migration_0003_gives_the_pipeline_tables_text_media_ids_of_a_text_id_ga
         conn.execute(text("INSERT INTO ollama_jobs (job_type, media_id, payload, status, priority, attempts, "
                           "max_attempts, created_at, updated_at) VALUES ('ollama_caption', 'fox-01', '{}', "
                           "'queued', 0, 0, 3, '2026-01-01', '2026-01-01')"))
-    settings_library = {**TEXT_ID_MAPPING}
-    from ollama_pipeline.core.config import LibraryConfig
-
-    init_db(engine, LibraryConfig.model_validate(settings_library))
+    init_db(engine, LibraryConfig.model_validate(TEXT_ID_MAPPING))
     with engine.connect() as conn:
         assert current_revision(conn) == head_revision()
         types = {row[0]: row[1] for row in conn.execute(text(
             "SELECT m.name, p.type FROM sqlite_master m JOIN pragma_table_info(m.name) p "
             "WHERE m.type = 'table' AND m.name LIKE 'ollama_%' AND p.name = 'media_id'"))}
         assert set(types) == {"ollama_jobs", "ollama_stage_results", "ollama_media_index", "ollama_values",
-                              "ollama_tag_links"} and set(types.values()) == {"VARCHAR(255)"}
+                              "ollama_tag_links", "ollama_backfill_items"} and set(types.values()) == {"VARCHAR(255)"}
         assert conn.execute(text("SELECT media_id FROM ollama_jobs")).scalar() == "fox-01"
         index = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'uq_ollama_jobs_active'")).scalar()
         assert index is not None and "WHERE" in index

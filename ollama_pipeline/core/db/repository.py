@@ -235,7 +235,7 @@ def _written_keys(conn: Connection, media_ids: list[int]) -> dict[int, frozenset
     v = OllamaValue.__table__
     out: dict[int, set[str]] = {}
     for media_id, key in conn.execute(select(v.c.media_id, v.c.key).where(v.c.media_id.in_(media_ids))):
-        out.setdefault(int(media_id), set()).add(key)
+        out.setdefault(media_id, set()).add(key)
     return {mid: frozenset(keys) for mid, keys in out.items()}
 
 
@@ -243,7 +243,7 @@ def _pipeline_values(conn: Connection, media_ids: list[int]) -> dict[int, dict[s
     v = OllamaValue.__table__
     out: dict[int, dict[str, OllamaValueRow]] = {}
     for r in conn.execute(select(v.c.media_id, v.c.key, v.c.value, v.c.written).where(v.c.media_id.in_(media_ids))):
-        out.setdefault(int(r[0]), {})[r[1]] = OllamaValueRow(r[2], r[3])
+        out.setdefault(r[0], {})[r[1]] = OllamaValueRow(r[2], r[3])
     return out
 
 
