@@ -75,16 +75,17 @@ def library_note(settings: Settings, *, demo: bool) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     from ollama_pipeline.core.db.engine import init_db, make_engine
-    from ollama_pipeline.core.db.models import Media
+    from ollama_pipeline.core.db.gallery import SchemaCheckError, require_gallery
 
     engine = make_engine(settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
     try:
         if demo:  # the demo library is ours to create; a user's database is changed only by init-db
-            init_db(engine)
+            init_db(engine, settings.library)
+        media = require_gallery(engine, settings.library)["media"]  # the mapped table (prefix, schema)
         with engine.connect() as conn:
-            count = conn.execute(select(func.count(Media.id))).scalar_one()
-    except SQLAlchemyError as exc:
-        return f"library not readable ({type(exc).__name__}): run `ollama-pipeline init-db` first"
+            count = conn.execute(select(func.count()).select_from(media.table)).scalar_one()
+    except (SQLAlchemyError, SchemaCheckError) as exc:
+        return f"library not readable ({type(exc).__name__}): run `ollama-pipeline check-db`, then `init-db`"
     finally:
         engine.dispose()
     if count == 0:
