@@ -226,7 +226,7 @@ def _signal_all(child: Child, sig: signal.Signals, processes: set[ProcessId]) ->
                 pass
 
 
-def stop_all(children: list[Child], *, grace: float = 10.0) -> list[str]:
+def stop_all(children: list[Child], *, grace: float = 30.0) -> list[str]:
     """Stop every child within grace seconds and return the names of those that needed SIGKILL; afterwards
     none of their processes runs.
 

@@ -243,6 +243,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--emulator", choices=["auto", "always", "never"], default="auto",
                    help="auto: the bundled emulator when no configuration of yours exists (default)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds each UI may take to answer (default 120)")
-    p.add_argument("--grace", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping (default 10)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping (default 30: dagster dev stops its "
+                        "webserver, daemon and code server one after another, 4-5 s on an idle machine, "
+                        "over 10 s on a loaded one)")
     p.set_defaults(handler=run_ui)
