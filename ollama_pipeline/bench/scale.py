@@ -478,7 +478,7 @@ def _row(name: str, measured: float | None, note: str = "") -> dict[str, Any]:
 
 
 def bench_backend(kind: InstanceKind, workdir: Path, items: int, new_items: int, run_items: int,
-                  progress: Any = print) -> dict[str, Any]:
+                  progress: Any = print, skip: Sequence[str] = ()) -> dict[str, Any]:
     """Every scale measurement on one backend (library database and Dagster instance both SQLite, or both
     PostgreSQL)."""
     import uuid
@@ -502,6 +502,9 @@ def bench_backend(kind: InstanceKind, workdir: Path, items: int, new_items: int,
                                                             progress)
             steps: dict[str, Any] = {}
             for name in ("prepare", "sensor", "plan", "run", "export"):
+                if name in skip:
+                    steps[name] = {"skipped": True}
+                    continue
                 started = time.perf_counter()
                 extra = ("--run-items", str(run_items)) if name == "run" else ()
                 steps[name] = run_step(name, config, home, items, new_items, extra=extra)
@@ -563,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-items", type=int, default=None,
                         help="items of the all-stage run (default: all new items)")
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--skip", default="", help="steps to leave out, e.g. run,export")
     parser.add_argument("--postgres-items", type=int, default=None, help="a smaller library for PostgreSQL")
     parser.add_argument("--workdir", default=None, help="where the library is built (default: a temporary folder)")
     parser.add_argument("--out", default="bench_results/scale.json")
@@ -588,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
             items = args.postgres_items if kind == "postgres" and args.postgres_items else args.items
             print(f"[scale] {kind}: {items:,} items, {args.new_items:,} new (load {os.getloadavg()[0]:.1f})")
             report["results"].append(bench_backend(kind, base, items, args.new_items,  # type: ignore[arg-type]
-                                                   args.run_items or args.new_items))
+                                                   args.run_items or args.new_items,
+                                                   skip=[k for k in args.skip.split(",") if k]))
             report["load_after"] = os.getloadavg()
             out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     finally:
