@@ -410,6 +410,7 @@ class _ItemRun:
         self.requests: list[ModelRequest] = []
         self.options: OllamaOptions | None = None
         self.combinable = False
+        self.answered: dict[str, BaseModel] | None = None  # answers of `call`, for `finish`
         self._problem = problem
 
     def known_problem(self) -> dict[str, Any] | None:
@@ -506,13 +507,33 @@ class _ItemRun:
             self.current = None
         return self.prepared[ref.media_id]
 
+    def _answers(self) -> dict[str, BaseModel]:
+        self.warm_up()
+        answers: dict[str, BaseModel] = {}
+        for req in self.requests:
+            b64 = [self.image_b64(ref) for ref in req.images]
+            assert self.options is not None
+            answers[req.key] = _call_model(self.pipeline, self.stage, req, b64, self.options, self.metrics,
+                                           str(self.media_id))
+        return answers
+
+    def call(self) -> ItemOutcome | None:
+        """Only the model calls of `finish` (kept for it); an outcome when they failed (recorded)."""
+        try:
+            self.answered = self._answers()
+            return None
+        except OllamaPipelineError as exc:
+            return self.fail(exc)
+        except Exception as exc:  # an unexpected bug still fails only this item, with its type logged
+            return self.fail(OllamaPipelineError(f"unexpected {type(exc).__name__}: {exc}"))
+
     def finish(self, given: BaseModel | None = None, *, shared: CallMetrics | None = None,
                combined: Sequence[str] = (), untrusted: Sequence[str] = ()) -> ItemOutcome:
         """Call the model for each request and persist. `given`: this stage's part of a combined answer
         (already valid against its schema); `shared`: its share of that call's cost; `combined`: the stages
         of that call. A part that does not hold up (build or injection check) falls back to the stage's own
         request; so does a stage whose part failed (given None, combined set)."""
-        pipeline, stage, inputs = self.pipeline, self.stage, self.inputs
+        stage, inputs = self.stage, self.inputs
         if shared is not None:
             _add_metrics(self.metrics, shared)
         request = "combined" if given is not None else "own"
@@ -528,13 +549,7 @@ class _ItemRun:
             elif combined:
                 request = "own"
             if output is None:
-                self.warm_up()
-                answers: dict[str, BaseModel] = {}
-                for req in self.requests:
-                    b64 = [self.image_b64(ref) for ref in req.images]
-                    assert self.options is not None
-                    answers[req.key] = _call_model(pipeline, stage, req, b64, self.options, self.metrics,
-                                                   str(self.media_id))
+                answers = self.answered if self.answered is not None else self._answers()
                 output = stage.combine(stage, inputs, answers)
                 check_injection(stage, inputs, output)
             log = {"request": request, "combined_with": list(combined)} if combined else {}
@@ -801,14 +816,13 @@ def _item_stages(pipeline: Pipeline, stages: Sequence[Stage], inputs: StageInput
              counted=True)  # run_item told the breaker
 
     shared: tuple[dict[int, Any], dict[int, str]] = ({}, {})
-    with pipeline.client.hold(str(media_id)):  # the slot is taken at the item's first call
-        later: list[Stage] = []
-        pending: list[_ItemRun] = []
-        if not combine:
-            # Prepare every stage that does not wait for another of them (plan, read, fingerprint, decode
-            # and encode the image: once per item) before the first call, so the item's slot, once taken,
-            # waits only on its calls and writes, not on this CPU work.
-            ready: dict[str, tuple[_ItemRun, float]] = {}
+    if not combine:
+        # Prepare every stage that does not wait for another of them (plan, read, fingerprint, decode and
+        # encode the image: once per item) before the first call, make the item's calls back to back on
+        # its slot, and give the slot back before the answers are built, checked and written: the slot
+        # waits only on the calls, not on CPU work or writes that can be done without it.
+        ready: dict[str, tuple[_ItemRun, float]] = {}
+        with pipeline.client.hold(str(media_id)):  # the slot is taken at the item's first call
             for stage in stages:
                 if set(stage.upstream) & names or stopped():
                     continue
@@ -822,17 +836,31 @@ def _item_stages(pipeline: Pipeline, stages: Sequence[Stage], inputs: StageInput
                 run.preload()
                 ready[stage.job_type] = (run, time.perf_counter() - clock)
             for stage in stages:
-                if stage.job_type in outcomes:
-                    continue
                 if stage.job_type not in ready:
-                    run_alone(stage)
-                elif stopped():
-                    note(ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched"))
-                else:
-                    run, prep_s = ready[stage.job_type]
-                    run.started = time.perf_counter() - prep_s  # its wall time: its own work, not the wait
-                    note(run.finish())
-            return [outcomes[s.job_type] for s in stages]
+                    continue
+                run, prep_s = ready[stage.job_type]
+                run.started = time.perf_counter() - prep_s  # its wall time: its own work, not the wait
+                failed = None if not stopped() else ItemOutcome(media_id=media_id, stage=stage.job_type,
+                                                                status="untouched")
+                failed = failed or run.call()
+                if failed is not None:
+                    note(failed)
+                    del ready[stage.job_type]
+        for run, _ in ready.values():
+            note(run.finish())
+        if len(outcomes) < len(stages):
+            with pipeline.client.hold(str(media_id)):
+                for stage in stages:
+                    if stage.job_type in outcomes:
+                        continue
+                    if stopped():
+                        note(ItemOutcome(media_id=media_id, stage=stage.job_type, status="untouched"))
+                    else:
+                        run_alone(stage)
+        return [outcomes[s.job_type] for s in stages]
+    with pipeline.client.hold(str(media_id)):
+        later: list[Stage] = []
+        pending: list[_ItemRun] = []
         for stage in stages:
             if stage.model_kind != "vision" or set(stage.upstream) & names:
                 later.append(stage)
