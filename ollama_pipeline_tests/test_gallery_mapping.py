@@ -2,11 +2,13 @@
 names with an upsert media_meta (SQLite), a PostgreSQL schema, and a gallery missing a required column,
 which every command refuses with the check-db report (exit code 2, no traceback). Two of them with text
 and UUID media ids run end to end through Dagster (`ollama-pipeline run`, the new-media sensor, the
-export feed in format v2)."""
+export feed in format v2); the web UI shows and re-runs items of text and UUID galleries."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -419,3 +421,116 @@ def test_migration_0005_gives_the_pipeline_tables_text_media_ids_of_a_text_id_ga
         index = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'uq_ollama_jobs_active'")).scalar()
         assert index is not None and "WHERE" in index
     engine.dispose()
+
+
+WEB_TEXT_IDS = ["0042", "a/b", "grün-ü"]  # a leading zero, a slash, a non-ASCII character
+
+
+def _web_client(settings: Settings, tmp_path: Path) -> Any:
+    from fastapi.testclient import TestClient
+
+    from ollama_pipeline.app.web.app import create_app
+
+    return TestClient(create_app(settings, thumb_dir=tmp_path / "thumbs"), base_url="http://127.0.0.1")
+
+
+def test_the_web_ui_shows_and_reruns_items_of_a_text_id_gallery(
+        tmp_path: Path, settings_factory: Callable[..., Settings], emulator: Any) -> None:
+    """Text ids ("0042", "a/b", "grün-ü") after caption and title: the gallery lists them with captions in
+    id order, links escape them, item pages show the values, thumbnails answer, re-run queues a job for
+    the text id, and ids the column cannot hold are 404s."""
+    from urllib.parse import quote
+
+    from ollama_pipeline.app.web import queries
+
+    db = tmp_path / "web_text_ids.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(TEXT_ID_SCHEMA)
+    files = [f"t{i}.png" for i in range(len(WEB_TEXT_IDS))]
+    _twin_images(tmp_path / "media", files)
+    for key, name in zip(WEB_TEXT_IDS, files, strict=True):
+        con.execute("INSERT INTO pic_media (item_key, file_path, kind, w, h) VALUES (?, ?, 'image', 48, 36)",
+                    (key, name))
+    con.commit()
+    settings = settings_factory(f"sqlite:///{db}", library=TEXT_ID_MAPPING)
+    init_db(create_engine(f"sqlite:///{db}"), LibraryConfig.model_validate(TEXT_ID_MAPPING))
+    pipeline = Pipeline.from_settings(settings)
+    for stage in ("ollama_caption", "ollama_title"):
+        outcomes = list(run_stage(pipeline, stage, WEB_TEXT_IDS))
+        assert {o.status for o in outcomes} == {"written"}, [o.error for o in outcomes]
+    captions = {key: json.loads(body)["text"] for key, body in con.execute(
+        "SELECT item_key, body FROM pic_media_meta WHERE name = 'ollama.caption'")}
+    assert set(captions) == set(WEB_TEXT_IDS)
+
+    with _web_client(settings, tmp_path) as client:
+        page = client.get("/")
+        assert page.status_code == 200, page.text
+        order = [m.group(1) for m in re.finditer(r'data-media-id="([^"]*)"', page.text)]
+        assert [html.unescape(i) for i in order] == sorted(WEB_TEXT_IDS)
+        for key in WEB_TEXT_IDS:
+            assert f'href="/media/{quote(key, safe="")}"' in page.text
+            assert html.escape(captions[key]) in page.text
+            item = client.get(f"/media/{quote(key, safe='')}")
+            assert item.status_code == 200, item.text
+            assert html.escape(captions[key]) in item.text and "ollama.title" in item.text
+            thumb = client.get(f"/thumb/{quote(key, safe='')}")
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+            assert client.get(f"/image/{quote(key, safe='')}").status_code == 200
+            assert client.get(f"/original/{quote(key, safe='')}").status_code == 200
+            assert client.get(f"/api/media/{quote(key, safe='')}").json()["media_id"] == key
+        assert client.get("/media/a%2Fb.json").json()["media_id"] == "a/b"
+
+        token = client.cookies["op_csrf"]
+        answer = client.post("/media/a%2Fb/rerun", data={"stage": "ollama_caption", "csrf_token": token})
+        assert answer.status_code == 200 and "queued" in answer.text, answer.text
+        assert con.execute("SELECT media_id, status FROM ollama_jobs WHERE job_type = 'ollama_caption'"
+                           ).fetchall() == [("a/b", "queued")]
+        refused = client.post("/media/a%2Fb/rerun", data={"stage": "ollama_caption"})
+        assert refused.status_code == 403
+        assert client.get("/queue").text.count('href="/media/a%2Fb"') >= 1
+
+        first = queries.gallery_page(pipeline.engine, queries.GalleryFilters(), limit=1)
+        second = queries.gallery_page(pipeline.engine, queries.GalleryFilters(), after=first.next_after, limit=1)
+        assert [c.id for c in first.cards + second.cards] == sorted(WEB_TEXT_IDS)[:2]  # "0042" < "a/b"
+        assert client.get(f"/?after={quote(first.next_after)}").text.count("data-media-id=") == 2
+        for bad in ("/media/missing", "/media/" + "x" * 300, "/media/a%00b", "/thumb/missing", "/image/",
+                    "/original/a%00b", "/media/a%2Fb/nothing"):
+            response = client.get(bad)
+            assert response.status_code == 404, (bad, response.status_code)
+    con.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_malformed_uuid_in_a_uuid_gallery_is_a_404(
+        db_url: str, tmp_path: Path, settings_factory: Callable[..., Settings]) -> None:
+    """A UUID gallery on PostgreSQL: an item page answers in any UUID spelling; a token that is not a UUID
+    (which the uuid column would refuse) is a 404 on every media route, never a 500."""
+    schema = "gallery_uuid_web"
+    admin = create_engine(db_url)
+    _twin_images(tmp_path / "media", ["u0.png"])
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        for statement in UUID_SCHEMA.format(s=schema).split(";"):
+            if statement.strip():
+                conn.execute(text(statement))
+        conn.execute(text(f"INSERT INTO {schema}.media (id, path, type) VALUES (:i, 'u0.png', 'image')"),
+                     {"i": UUIDS[0]})
+    try:
+        settings = settings_factory(db_url, library={"schema": schema})
+        init_db(create_engine(db_url), LibraryConfig.model_validate({"schema": schema}))
+        with _web_client(settings, tmp_path) as client:
+            assert client.get(f"/media/{UUIDS[0].upper()}").status_code == 200
+            assert client.get(f"/thumb/{UUIDS[0]}").status_code == 200
+            assert f'href="/media/{UUIDS[0]}"' in client.get("/").text
+            for bad in ("/media/not-a-uuid", "/media/not-a-uuid.json", "/api/media/1234", "/thumb/zz",
+                        "/image/0b8f6a1e-5d2c", "/original/%00", "/?after=not-a-uuid"):
+                response = client.get(bad)
+                assert response.status_code == (200 if bad.startswith("/?") else 404), (bad, response.status_code)
+            token = client.cookies["op_csrf"]
+            assert client.post("/media/not-a-uuid/rerun", data={"stage": "all", "csrf_token": token}
+                               ).status_code == 404
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        admin.dispose()

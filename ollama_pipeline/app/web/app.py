@@ -6,15 +6,22 @@ inside the media root only, `web.thumbs`), `/original/{id}` (the file itself, st
 images only), `POST /media/{id}/rerun`, `/queue` with `POST /jobs/{id}/retry|cancel`, `/healthz`.
 Reads go through `web.queries`; every write goes through `ollama_pipeline.core.queue.store`. Guards (Host, token, CSRF,
 headers) live in `web.security` and wrap the whole app.
+
+Media ids in paths take the gallery's id type (`library.id_type`, core.ids): an integer, a text id
+(path-escaped in links, `/` as `%2F`; the media routes take the rest of the path, so a slash in an id is
+never a route of its own) or a UUID. An id that is not of the gallery's type (not digits, beyond any
+database integer, not a UUID, empty, longer than the pipeline's 255-character columns, with a control
+character) is a 404 before any query runs.
 """
 
 from __future__ import annotations
 
 import html
+import re
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import jinja2
 from fastapi import FastAPI, Form, Request
@@ -28,7 +35,8 @@ from ollama_pipeline.app.web.present import card_values, meta_views, pretty_json
 from ollama_pipeline.app.web.security import CSRF_FIELD, SecurityMiddleware, csrf_token_of
 from ollama_pipeline.core.config import Settings
 from ollama_pipeline.core.db import repository
-from ollama_pipeline.core.db.engine import get_engine
+from ollama_pipeline.core.db.engine import engine_for_settings
+from ollama_pipeline.core.db.gallery import gallery_for
 from ollama_pipeline.core.errors import (
     OllamaPipelineError,
     PersistenceError,
@@ -36,6 +44,7 @@ from ollama_pipeline.core.errors import (
     ValidationError,
 )
 from ollama_pipeline.core.export import export_records
+from ollama_pipeline.core.ids import IdType, MediaId, normalize_uuid
 from ollama_pipeline.core.partitioning import Partitioning
 from ollama_pipeline.core.queue import store as jobs
 from ollama_pipeline.core.runner import Pipeline
@@ -51,8 +60,8 @@ class WebState:
 
     def __init__(self, settings: Settings, pipeline: Pipeline | None, thumb_dir: Path) -> None:
         self.settings = settings
-        self.engine: Engine = pipeline.engine if pipeline is not None else get_engine(
-            settings.database.url, busy_timeout_ms=settings.database.busy_timeout_ms)
+        # bound to the settings' `library:` mapping, so a mapped gallery is read through it
+        self.engine: Engine = pipeline.engine if pipeline is not None else engine_for_settings(settings)
         self._pipeline = pipeline
         self._lock = threading.Lock()
         self.thumb_dir = thumb_dir
@@ -60,6 +69,7 @@ class WebState:
                                       trim_blocks=True, lstrip_blocks=True)
         self.env.filters["pretty_json"] = pretty_json
         self.env.filters["text_of"] = text_of
+        self.env.filters["idpath"] = id_path
         self.env.globals.update(stages=list(STAGES), csrf_field=CSRF_FIELD,
                                 dagster_url=settings.pipeline.dagster_ui_url.rstrip("/"))
 
@@ -70,13 +80,25 @@ class WebState:
                 self._pipeline = Pipeline.from_settings(self.settings)
             return self._pipeline
 
+    @property
+    def id_type(self) -> IdType:
+        """The gallery's media id type (discovered once per engine, core.db.gallery)."""
+        return gallery_for(self.engine).id_type
+
+    def media_id(self, raw: str) -> MediaId:
+        """The media id of a path, or 404 when it is not of the gallery's id type."""
+        media_id = parse_media_id(raw, self.id_type)
+        if media_id is None:
+            raise StarletteHTTPException(404, f"No media item {raw[:100]}.")
+        return media_id
+
     def render(self, request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         template = self.env.get_template(name)
         body = template.render(request=request, csrf_token=csrf_token_of(request.scope), **context)
         return HTMLResponse(body, status_code=status_code)
 
 
-def dagster_partition_url(base: str, asset: str, media_id: int, partition_size: int = 1000) -> str:
+def dagster_partition_url(base: str, asset: str, media_id: MediaId, partition_size: int = 1000) -> str:
     """The Dagster UI page of the asset partition (a block of items, core.partitioning) that holds an item
     (Dagster 1.13: /assets/<key>?view=partitions&partition=)."""
     key = Partitioning(size=partition_size).key_of(media_id)
@@ -96,6 +118,32 @@ def error_status(exc: OllamaPipelineError) -> int:
 
 MAX_ID = 2**63 - 1
 """Largest id a database row can have (SQLite and PostgreSQL BIGINT); larger path ids name no row."""
+MAX_TEXT_ID = 255
+"""Longest text id the pipeline's own `media_id` columns hold (core.ids.column_type)."""
+_DIGITS = re.compile(r"[0-9]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def parse_media_id(raw: str, id_type: IdType) -> MediaId | None:
+    """A path or query-string media id as the gallery's id type, or None when it cannot be one: integers
+    are digits up to MAX_ID, UUIDs any spelling uuid.UUID reads (returned canonical, lower-case), text ids
+    1-255 characters without control characters (a NUL is refused by PostgreSQL)."""
+    if id_type == "integer":
+        if not _DIGITS.fullmatch(raw) or len(raw) > 25:
+            return None
+        number = int(raw)
+        return number if number <= MAX_ID else None
+    if id_type == "uuid":
+        return normalize_uuid(raw) if len(raw) <= 100 else None
+    if not raw or len(raw) > MAX_TEXT_ID or _CONTROL.search(raw):
+        return None
+    return raw
+
+
+def id_path(media_id: Any) -> str:
+    """A media id as one path segment of a link: integers as they are, text ids percent-escaped (a `/`
+    as `%2F`, UTF-8 bytes of other characters)."""
+    return quote(str(media_id), safe="")
 
 
 def _known_id(value: int, what: str = "media item") -> int:
@@ -159,7 +207,8 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
                                          stage=stage if stage in STAGES else "",
                                          stage_status=stage_status if stage_status in queries.STAGE_STATUSES else "",
                                          q=q.strip()[:200])
-        page = queries.gallery_page(state.engine, filters, after=_int_or_none(after), before=_int_or_none(before))
+        page = queries.gallery_page(state.engine, filters, after=parse_media_id(after, state.id_type) if after else None,
+                                    before=parse_media_id(before, state.id_type) if before else None)
         cards = [{"id": c.id, "path": c.path, **card_values(c.meta, c.quality_status)} for c in page.cards]
         keep = filters.active()
         return state.render(request, "gallery.html", cards=cards, filters=filters,
@@ -168,9 +217,8 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
                             prev_url=f"/?{urlencode({**keep, 'before': page.prev_before})}" if page.prev_before else None,
                             filtered=bool(keep))
 
-    @app.get("/media/{media_id:int}", response_class=HTMLResponse)
-    def item(request: Request, media_id: int) -> HTMLResponse:
-        data = queries.item_data(state.engine, _known_id(media_id))
+    def item(request: Request, media_id: MediaId) -> HTMLResponse:
+        data = queries.item_data(state.engine, media_id)
         if data is None:
             raise StarletteHTTPException(404, f"No media item {media_id}.")
         versions = queries.current_versions()
@@ -180,32 +228,39 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
                                                        state.settings.pipeline.partition_size)
         views = meta_views(data.meta)
         recon = next((v for v in views if v.key == "ollama.prompt_reconstruction"), None)
+        json_url = (f"/media/{media_id}.json" if isinstance(media_id, int) else f"/api/media/{id_path(media_id)}")
         return state.render(request, "item.html", item=data, media=data.media, views=views, recon=recon,
                             other_meta={k: v for k, v in data.meta.items() if not k.startswith("ollama.")},
                             cards=card_values(data.meta, data.media.get("quality_status")),
                             dagster_link=dagster_partition_url(state.settings.pipeline.dagster_ui_url,
                                                                next(iter(STAGES), "media"), media_id,
                                                                state.settings.pipeline.partition_size),
-                            versions=versions)
+                            versions=versions, json_url=json_url)
 
-    def _export(media_id: int) -> JSONResponse:
-        if not 0 <= media_id <= MAX_ID:
-            return JSONResponse({"error": f"no media item {media_id}"}, status_code=404)
-        records = list(export_records(state.engine, [media_id]))
+    def _export(media_id: MediaId | None, raw: str) -> JSONResponse:
+        records = list(export_records(state.engine, [media_id])) if media_id is not None else []
         if not records:
-            return JSONResponse({"error": f"no media item {media_id}"}, status_code=404)
+            return JSONResponse({"error": f"no media item {raw[:100]}"}, status_code=404)
         return JSONResponse(records[0])
 
-    @app.get("/media/{media_id:int}.json")
-    def item_json(media_id: int) -> JSONResponse:
-        return _export(media_id)
+    @app.get("/media/{rest:path}", response_class=HTMLResponse)
+    def item_or_json(request: Request, rest: str) -> Response:
+        """`/media/{id}` (the item page) and `/media/{id}.json`; a text id ending in `.json` that names a
+        row is its item page (its JSON stays at `/api/media/{id}`)."""
+        id_type = state.id_type
+        whole = parse_media_id(rest, id_type)
+        if rest.endswith(".json") and (id_type == "integer" or whole is None
+                                       or queries.media_path(state.engine, whole) is None):
+            return _export(parse_media_id(rest[:-len(".json")], id_type), rest[:-len(".json")])
+        return item(request, state.media_id(rest))
 
-    @app.get("/api/media/{media_id:int}")
-    def item_api(media_id: int) -> JSONResponse:
-        return _export(media_id)
+    @app.get("/api/media/{rest:path}")
+    def item_api(rest: str) -> JSONResponse:
+        return _export(parse_media_id(rest, state.id_type), rest)
 
-    def _jpeg(media_id: int, side: int) -> Response:
-        row = queries.media_row(state.engine, media_id) if 0 <= media_id <= MAX_ID else None
+    def _jpeg(raw: str, side: int) -> Response:
+        media_id = parse_media_id(raw, state.id_type)
+        row = queries.media_row(state.engine, media_id) if media_id is not None else None
         if row is None or row.get("path") is None:
             return Response(NOT_AVAILABLE, status_code=404, media_type="text/plain")
         try:  # a video item shows its representative frame
@@ -217,17 +272,18 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
         return FileResponse(file, media_type="image/jpeg",
                             headers={"cache-control": "private, max-age=300"})
 
-    @app.get("/thumb/{media_id:int}")
-    def thumb(media_id: int) -> Response:
-        return _jpeg(media_id, thumbs.THUMB_SIDE)
+    @app.get("/thumb/{rest:path}")
+    def thumb(rest: str) -> Response:
+        return _jpeg(rest, thumbs.THUMB_SIDE)
 
-    @app.get("/image/{media_id:int}")
-    def image(media_id: int) -> Response:
-        return _jpeg(media_id, thumbs.PREVIEW_SIDE)
+    @app.get("/image/{rest:path}")
+    def image(rest: str) -> Response:
+        return _jpeg(rest, thumbs.PREVIEW_SIDE)
 
-    @app.get("/original/{media_id:int}")
-    def original(media_id: int) -> Response:
-        path = queries.media_path(state.engine, media_id) if 0 <= media_id <= MAX_ID else None
+    @app.get("/original/{rest:path}")
+    def original(rest: str) -> Response:
+        media_id = parse_media_id(rest, state.id_type)
+        path = queries.media_path(state.engine, media_id) if media_id is not None else None
         if path is None:
             return Response(NOT_AVAILABLE, status_code=404, media_type="text/plain")
         try:
@@ -237,9 +293,13 @@ def create_app(settings: Settings, *, pipeline: Pipeline | None = None, require_
             return Response(NOT_AVAILABLE, status_code=status, media_type="text/plain")
         return FileResponse(file, media_type=media_type, headers={"cache-control": "private, max-age=300"})
 
-    @app.post("/media/{media_id:int}/rerun", response_class=HTMLResponse)
-    def rerun(request: Request, media_id: int, stage: str = Form("all")) -> HTMLResponse:
-        if queries.media_path(state.engine, _known_id(media_id)) is None:
+    @app.post("/media/{rest:path}", response_class=HTMLResponse)
+    def rerun(request: Request, rest: str, stage: str = Form("all")) -> HTMLResponse:
+        """`POST /media/{id}/rerun` (a text id may hold a `/`: the route takes the whole path)."""
+        if not rest.endswith("/rerun"):
+            raise StarletteHTTPException(404, "No such page.")
+        media_id = state.media_id(rest[:-len("/rerun")])
+        if queries.media_path(state.engine, media_id) is None:
             raise ValidationError(f"no media row with id {media_id}", code="validation.media_missing")
         chosen = list(STAGES) if stage == "all" else [stage]
         results = []

@@ -132,6 +132,13 @@ def _policy(value: Any) -> dict[str, Any] | None:
             "rest": rest}
 
 
+def _media_id_or_none(value: Any) -> Any:
+    """A duplicate candidate's media id (an integer, or a text/UUID id of a text-id gallery), else None."""
+    if isinstance(value, bool):
+        return None
+    return value if isinstance(value, int) or (isinstance(value, str) and value) else None
+
+
 def _duplicates(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("candidates", []), list):
         return None
@@ -139,11 +146,11 @@ def _duplicates(value: Any) -> dict[str, Any] | None:
     for cand in value.get("candidates", []):
         if isinstance(cand, dict):
             mid = cand.get("media_id")
-            candidates.append({"media_id": mid if isinstance(mid, int) and not isinstance(mid, bool) else None,
+            candidates.append({"media_id": _media_id_or_none(mid),
                                "fields": {k: v for k, v in cand.items() if k != "media_id"}})
         else:
-            candidates.append({"media_id": cand if isinstance(cand, int) and not isinstance(cand, bool) else None,
-                               "fields": {} if isinstance(cand, int) else {"value": cand}})
+            mid = _media_id_or_none(cand)
+            candidates.append({"media_id": mid, "fields": {} if mid is not None else {"value": cand}})
     rest = {k: v for k, v in value.items() if k != "candidates"}
     return {"candidates": candidates, "rest": rest}
 

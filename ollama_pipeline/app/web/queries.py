@@ -1,6 +1,7 @@
 """The SQL of the web UI: the gallery page (filters plus keyset paging) and everything the item page reads.
 
-Every gallery page is one indexed range scan on `media.id` (`WHERE id > :after ORDER BY id LIMIT 49`)
+Every gallery page is one indexed range scan on `media.id` (`WHERE id > :after ORDER BY id LIMIT 49`;
+integer, text or UUID ids alike: a text id's cursor compares in the column's own order)
 with filters as correlated `EXISTS` sub-queries that hit primary keys or unique indexes
 (`media_meta (media_id, key)`, `media_tags (media_id, tag_id)`, `ollama_stage_results (media_id, stage)`),
 so a page costs the same at item 100 and at item 100,000: no OFFSET, no COUNT(*). The lists that fill the
@@ -15,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, and_, case, exists, func, null, or_, select
+from sqlalchemy import Engine, and_, case, exists, null, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from ollama_pipeline.core.db.gallery import Gallery, gallery_for
 from ollama_pipeline.core.db.models import OllamaJob, OllamaStageResult
 from ollama_pipeline.core.db.repository import values_table
+from ollama_pipeline.core.ids import MediaId
 from ollama_pipeline.core.jsontext import canonical_json, loads_or_none
 from ollama_pipeline.core.stages import STAGES
 
@@ -52,7 +54,7 @@ class GalleryFilters:
 class GalleryCard:
     """One thumbnail of the gallery with the values shown under it."""
 
-    id: int
+    id: MediaId
     path: str
     quality_status: str | None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -63,8 +65,8 @@ class GalleryPage:
     """One page of cards plus the keyset cursors to the next and previous page."""
 
     cards: list[GalleryCard]
-    next_after: int | None
-    prev_before: int | None
+    next_after: MediaId | None
+    prev_before: MediaId | None
 
 
 def _like_escape(text: str) -> str:
@@ -135,7 +137,8 @@ def filter_conditions(f: GalleryFilters, engine: Engine) -> list[ColumnElement[b
     return conds
 
 
-def gallery_page(engine: Engine, f: GalleryFilters, *, after: int | None = None, before: int | None = None,
+def gallery_page(engine: Engine, f: GalleryFilters, *, after: MediaId | None = None,
+                 before: MediaId | None = None,
                  limit: int = PAGE_SIZE) -> GalleryPage:
     """One page in media-id order: `after` pages forward, `before` pages back (keyset, never OFFSET).
 
@@ -154,23 +157,22 @@ def gallery_page(engine: Engine, f: GalleryFilters, *, after: int | None = None,
     if backwards:
         q = q.where(mid < before).order_by(mid.desc())
     else:
-        q = q.where(mid > (after or 0)).order_by(mid)
+        q = (q.where(mid > after) if after is not None else q).order_by(mid)
     with engine.connect() as conn:
         rows = list(conn.execute(q.limit(limit + 1)).all())
         more = len(rows) > limit
         rows = rows[:limit]
         if backwards:
             rows.reverse()
-        ids = [int(r[0]) for r in rows]
+        ids: list[MediaId] = [r[0] for r in rows]
         if not ids:
             return GalleryPage(cards=[], next_after=None, prev_before=None)
-        meta: dict[int, dict[str, Any]] = {}
+        meta: dict[MediaId, dict[str, Any]] = {}
         for media_id, key, value in conn.execute(select(vt.c.media_id, vt.c.key, vt.c.value)
                                                  .where(vt.c.media_id.in_(ids), vt.c.key.in_(CARD_KEYS))):
-            meta.setdefault(int(media_id), {})[key] = loads_or_none(value)
-    cards = [GalleryCard(id=int(r[0]), path=str(r[1]), quality_status=r[2], meta=meta.get(int(r[0]), {}))
-             for r in rows]
-    has_next, has_prev = (True, more) if backwards else (more, bool(after))
+            meta.setdefault(media_id, {})[key] = loads_or_none(value)
+    cards = [GalleryCard(id=r[0], path=str(r[1]), quality_status=r[2], meta=meta.get(r[0], {})) for r in rows]
+    has_next, has_prev = (True, more) if backwards else (more, after is not None and after != 0)
     return GalleryPage(cards=cards, next_after=ids[-1] if has_next else None,
                        prev_before=ids[0] if has_prev else None)
 
@@ -238,7 +240,7 @@ class ItemData:
     meta: dict[str, Any]
     stages: list[dict[str, Any]]
     jobs: list[dict[str, Any]]
-    neighbours: tuple[int | None, int | None] = (None, None)
+    neighbours: tuple[MediaId | None, MediaId | None] = (None, None)
 
 
 def _logical(t: Any) -> Any:
@@ -246,7 +248,7 @@ def _logical(t: Any) -> Any:
     return select(*[col.label(name) for name, col in t.cols.items()])
 
 
-def media_row(engine: Engine, media_id: int) -> dict[str, Any] | None:
+def media_row(engine: Engine, media_id: MediaId) -> dict[str, Any] | None:
     """The media row, or None."""
     m = gallery_for(engine)["media"]
     with engine.connect() as conn:
@@ -254,14 +256,14 @@ def media_row(engine: Engine, media_id: int) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
-def media_path(engine: Engine, media_id: int) -> str | None:
+def media_path(engine: Engine, media_id: MediaId) -> str | None:
     """media.path of one item, or None when there is no such row."""
     m = gallery_for(engine)["media"]
     with engine.connect() as conn:
         return conn.execute(select(m.c("path")).where(m.c("id") == media_id)).scalar()
 
 
-def item_data(engine: Engine, media_id: int, *, jobs_limit: int = 100) -> ItemData | None:
+def item_data(engine: Engine, media_id: MediaId, *, jobs_limit: int = 100) -> ItemData | None:
     """The media row with its prompt, tags, scans, all media_meta, provenance per stage and job history."""
     g = gallery_for(engine)
     m, p, t, mt, sc = g["media"], g.t("prompts"), g.t("tags"), g.t("media_tags"), g.t("scan_results")
@@ -302,8 +304,9 @@ def item_data(engine: Engine, media_id: int, *, jobs_limit: int = 100) -> ItemDa
                               ).mappings().all()
         jobs = conn.execute(select(OllamaJob).where(OllamaJob.media_id == media_id)
                             .order_by(OllamaJob.id.desc()).limit(jobs_limit)).mappings().all()
-        prev_id = conn.execute(select(func.max(mid)).where(mid < media_id)).scalar()
-        next_id = conn.execute(select(func.min(mid)).where(mid > media_id)).scalar()
+        # ORDER BY ... LIMIT 1, not max()/min(): PostgreSQL has no max(uuid)
+        prev_id = conn.execute(select(mid).where(mid < media_id).order_by(mid.desc()).limit(1)).scalar()
+        next_id = conn.execute(select(mid).where(mid > media_id).order_by(mid).limit(1)).scalar()
     scan_list = []
     for s in scans:
         row = dict(s)
