@@ -45,7 +45,9 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/ollama-pipeline demo
 
 test: install browser jsclient $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m pytest -q
+# Two test processes, one file at a time each (module fixtures stay shared within a file): many tests wait
+# on subprocesses (dagster-daemon, webserver, Celery workers), so two processes on 2 cores halve the wall time.
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check ollama_pipeline ollama_pipeline_tests
