@@ -216,12 +216,7 @@ def _call_model(pipeline: Pipeline, stage: Stage, request: ModelRequest, images_
         except OllamaPipelineError as exc:  # the requests made before it gave up count as model calls
             metrics.calls += int(exc.details.get("attempts", 1))
             raise
-        metrics.calls += response.attempts
-        metrics.prompt_eval_count += response.prompt_eval_count or 0
-        metrics.eval_count += response.eval_count or 0
-        metrics.total_duration_ms += (response.total_duration_ns or 0) / 1e6
-        metrics.load_duration_ms += (response.load_duration_ns or 0) / 1e6
-        metrics.image_bytes += response.image_bytes
+        metrics.add_response(response)
         try:
             return parse_answer(response.text, response.done_reason, stage.output_schema)
         except (InvalidResponseFormatError, ValidationError) as exc:
@@ -747,12 +742,7 @@ def _combined_call(pipeline: Pipeline, runs: list[_ItemRun]) -> list[tuple[BaseM
         except OllamaPipelineError as exc:
             metrics.calls += int(exc.details.get("attempts", 1))
             raise
-        metrics.calls += response.attempts
-        metrics.prompt_eval_count += response.prompt_eval_count or 0
-        metrics.eval_count += response.eval_count or 0
-        metrics.total_duration_ms += (response.total_duration_ns or 0) / 1e6
-        metrics.load_duration_ms += (response.load_duration_ns or 0) / 1e6
-        metrics.image_bytes += response.image_bytes
+        metrics.add_response(response)
         parts = parse_answer(response.text, response.done_reason, _CombinedAnswer).root
     except OllamaPipelineError as exc:  # every stage falls back to its own request (which reports its error)
         first.current = None

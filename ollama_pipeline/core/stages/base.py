@@ -150,6 +150,15 @@ class CallMetrics(BaseModel):
     image_bytes: int = 0
     repairs: int = 0
 
+    def add_response(self, response: Any) -> None:
+        """Count one answered model request (an `OllamaTextResponse`: attempts, tokens, durations, bytes)."""
+        self.calls += response.attempts
+        self.prompt_eval_count += response.prompt_eval_count or 0
+        self.eval_count += response.eval_count or 0
+        self.total_duration_ms += (response.total_duration_ns or 0) / 1e6
+        self.load_duration_ms += (response.load_duration_ns or 0) / 1e6
+        self.image_bytes += response.image_bytes
+
 
 class StageResult(BaseModel):
     """The argument of persist_ollama_result: one stage's validated output for one media item."""
